@@ -1,0 +1,137 @@
+"""Pure operations on LoRA factors: init, take/scatter along the rank, weighted means.
+
+Every function here is small, allocation-explicit and tested against a naive float64
+loop in ``tests/test_state.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .types import Factors, LoRAState
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """Forward scale of plain LoRA (``alpha / r``) or rsLoRA (``alpha / sqrt(r)``)."""
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def init_factors(
+    shapes: Mapping[str, tuple[int, int]], rank: int, generator: torch.Generator
+) -> LoRAState:
+    """Fresh LoRA pairs: ``A`` Kaiming-uniform (as LoRA/PEFT do), ``B = 0``.
+
+    ``shapes`` maps module path -> ``(out_features, in_features)``. Modules are
+    initialised in sorted order so the draw does not depend on dict order.
+    """
+    state: LoRAState = {}
+    for name in sorted(shapes):
+        out_f, in_f = shapes[name]
+        # kaiming_uniform_(a=sqrt(5)) on a (rank, in) matrix: bound = 1/sqrt(in).
+        bound = 1.0 / math.sqrt(in_f)
+        A = (torch.rand(rank, in_f, generator=generator) * 2 - 1) * bound
+        state[name] = Factors(A=A, B=torch.zeros(out_f, rank))
+    return state
+
+
+def take(state: LoRAState, index: Tensor) -> LoRAState:
+    """Rank sub-block: ``B[:, I]`` and ``A[I, :]`` of every module, with one shared ``I``."""
+    return {n: Factors(A=f.A[index].clone(), B=f.B[:, index].clone()) for n, f in state.items()}
+
+
+def scatter(block: LoRAState, index: Tensor, rank: int) -> LoRAState:
+    """Inverse of :func:`take`: place a rank-``len(I)`` block into zeros of rank ``rank``."""
+    out: LoRAState = {}
+    for n, f in block.items():
+        A = f.A.new_zeros(rank, f.A.shape[1])
+        B = f.B.new_zeros(f.B.shape[0], rank)
+        A[index] = f.A
+        B[:, index] = f.B
+        out[n] = Factors(A=A, B=B)
+    return out
+
+
+def pad_rank(state: LoRAState, rank: int) -> LoRAState:
+    """Zero-pad every module's factors to ``rank`` (the leading block keeps its place)."""
+    return scatter(state, torch.arange(next(iter(state.values())).rank), rank) if state else {}
+
+
+def truncate_rank(state: LoRAState, rank: int) -> LoRAState:
+    """The leading rank-``rank`` block of every module."""
+    return take(state, torch.arange(rank))
+
+
+def subtract(a: LoRAState, b: LoRAState) -> LoRAState:
+    """Per-module ``a - b`` (same ranks)."""
+    _check_same_modules(a, b)
+    return {n: Factors(A=a[n].A - b[n].A, B=a[n].B - b[n].B) for n in a}
+
+
+def add_(target: LoRAState, delta: LoRAState) -> None:
+    """In place ``target += delta`` (same ranks)."""
+    _check_same_modules(target, delta)
+    for n, f in target.items():
+        f.A.add_(delta[n].A)
+        f.B.add_(delta[n].B)
+
+
+def weighted_sum(states: Sequence[LoRAState], weights: Sequence[float]) -> LoRAState:
+    """``sum_i w_i * state_i`` per module and factor; all states must have equal ranks."""
+    if not states or len(states) != len(weights):
+        raise ValueError("weighted_sum needs one weight per state and at least one state")
+    for s in states[1:]:
+        _check_same_modules(states[0], s)
+    out: LoRAState = {}
+    for n in states[0]:
+        A = torch.zeros_like(states[0][n].A)
+        B = torch.zeros_like(states[0][n].B)
+        for s, w in zip(states, weights):
+            A.add_(s[n].A, alpha=float(w))
+            B.add_(s[n].B, alpha=float(w))
+        out[n] = Factors(A=A, B=B)
+    return out
+
+
+def weighted_sum_tensors(
+    tensors: Sequence[Mapping[str, Tensor]], weights: Sequence[float]
+) -> dict[str, Tensor]:
+    """``sum_i w_i * t_i`` per key (dense parameters such as a classifier head)."""
+    if not tensors or len(tensors) != len(weights):
+        raise ValueError("weighted_sum_tensors needs one weight per entry and at least one entry")
+    keys = set(tensors[0])
+    if any(set(t) != keys for t in tensors[1:]):
+        raise ValueError("weighted_sum_tensors: entries have different keys")
+    out = {k: torch.zeros_like(tensors[0][k]) for k in sorted(keys)}
+    for t, w in zip(tensors, weights):
+        for k in out:
+            out[k].add_(t[k], alpha=float(w))
+    return out
+
+
+def example_weights(num_examples: Sequence[int]) -> list[float]:
+    """Aggregation weights ``p_i = n_i / sum_j n_j`` over the clients of a round."""
+    total = sum(num_examples)
+    if total <= 0:
+        raise ValueError("the round's clients hold no examples")
+    return [n / total for n in num_examples]
+
+
+def clone(state: LoRAState) -> LoRAState:
+    return {n: Factors(A=f.A.clone(), B=f.B.clone()) for n, f in state.items()}
+
+
+def dense(f: Factors, scale: float = 1.0) -> Tensor:
+    """The dense update ``scale * B @ A`` (for references and small layers only)."""
+    return scale * (f.B @ f.A)
+
+
+def _check_same_modules(a: Mapping[str, Factors], b: Mapping[str, Factors]) -> None:
+    if set(a) != set(b):
+        missing, extra = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        raise ValueError(f"module sets differ: missing {missing[:3]}, extra {extra[:3]}")

@@ -1,0 +1,90 @@
+"""FSLoRA: Federated Sketching LoRA (arXiv 2501.19389, Fang et al.).
+
+The server keeps one rank-``r`` pair per module. Each round, client ``i`` trains the
+sub-block picked by a fresh uniform index set ``I`` of size ``k_i`` (its budget),
+with scale ``s * r / k_i``, which is exact gradient descent on ``W0 + s * B S A``
+with the diagonal sketch ``S = (r / k_i) * 1_I``. The server scatters each client's
+increments back to rank ``r`` and takes their weighted mean (coordinates a client did
+not sample contribute zero: the unbiased update of the paper).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import state as S
+from ..server_opt import ServerOptimizer
+from ..sketch import sketch_indices
+from ..types import ClientSpec, ClientTask, ClientUpdate, LoRAState
+
+
+class FSLoRA:
+    name = "fslora"
+
+    def __init__(
+        self,
+        shapes: Mapping[str, tuple[int, int]],
+        global_rank: int,
+        alpha: float,
+        seed: int,
+        rslora: bool = False,
+        server_optimizer: ServerOptimizer | None = None,
+    ) -> None:
+        self.rank = global_rank
+        self.scale = S.lora_scale(alpha, global_rank, rslora)
+        self.seed = seed
+        self.factors: LoRAState = S.init_factors(
+            shapes, global_rank, torch.Generator().manual_seed(seed)
+        )
+        self.optimizer = server_optimizer or ServerOptimizer("sgd", 1.0)
+        self._sent: dict[int, Tensor] = {}  # cid -> index set of the round in flight
+
+    def configure(self, rnd: int, clients: Sequence[ClientSpec]) -> dict[int, ClientTask]:
+        self._sent = {}
+        tasks: dict[int, ClientTask] = {}
+        for c in clients:
+            k = min(c.budget, self.rank)
+            idx = sketch_indices(self.seed, rnd, c.cid, self.rank, k)
+            self._sent[c.cid] = idx
+            tasks[c.cid] = ClientTask(
+                factors=S.take(self.factors, idx),
+                scale=self.scale * self.rank / k,
+                config={"sketch_ratio": k / self.rank},
+            )
+        return tasks
+
+    def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
+        if not updates:
+            return {}
+        cids = sorted(updates)
+        unknown = [c for c in cids if c not in self._sent]
+        if unknown:
+            raise ValueError(f"updates from clients that got no task this round: {unknown}")
+        weights = S.example_weights([updates[c].num_examples for c in cids])
+        increments = [
+            S.scatter(
+                S.subtract(updates[c].factors, S.take(self.factors, self._sent[c])),
+                self._sent[c],
+                self.rank,
+            )
+            for c in cids
+        ]
+        mean_delta = S.weighted_sum(increments, weights)
+        self.optimizer.step_(self.factors, mean_delta)
+        coverage = torch.zeros(self.rank, dtype=torch.bool)
+        for c in cids:
+            coverage[self._sent[c]] = True
+        return {"rank_coverage": coverage.float().mean().item()}
+
+    def global_task(self) -> ClientTask:
+        return ClientTask(factors=S.clone(self.factors), scale=self.scale)
+
+    def state_dict(self) -> dict:
+        return {"factors": S.clone(self.factors), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.factors = S.clone(sd["factors"])
+        self.optimizer.load_state_dict(sd["optimizer"])
