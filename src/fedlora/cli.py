@@ -10,6 +10,7 @@ from pathlib import Path
 from .config import ConfigError, load_config
 
 DEFAULT_CONFIG = "default.toml"
+DEFAULT_METHODS = ("fslora", "flexlora", "hetlora", "flora", "fedit", "ffa", "fullrank")
 
 
 def default_config_path() -> Path:
@@ -38,6 +39,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str, kind=str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    path, overrides = _split_config_and_overrides(args.items)
+    cfg = load_config(path or default_config_path(), overrides)
+    out = Path(args.out or cfg.output_dir or "runs/compare")
+    report = compare(cfg, _csv(args.methods), _csv(args.seeds, int), out, progress=not args.quiet)
+    print(report.read_text())
+    print(f"table, CSV and plots in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedlora",
@@ -56,6 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the results already in the output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "compare", help="run several methods on the identical split, budgets and seeds",
+        description="Run every method on the same data split, rank budgets and seeds, then "
+        "write results.md/results.csv (final accuracy mean ± std, traffic, time) and plots "
+        "(accuracy vs round, accuracy vs upload). Finished method/seed pairs are skipped, "
+        "so running it again resumes.",
+    )
+    p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]",
+                   help="a TOML config file (default: the built-in one), then overrides")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated strategy names (default: %(default)s)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
+    p.add_argument("--out", default="", help="results directory (default: output_dir or runs/compare)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -122,9 +122,12 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
                       resolve_model_path(cfg.model), cfg.strategy.alpha)
     majority = float(np.bincount(exp.data.encoded.labels[exp.data.test].numpy()).max()
                      / len(exp.data.test))
-    return {"initial_accuracy": initial["accuracy"], "final_accuracy": last_eval["accuracy"],
-            "final_loss": last_eval["loss"], "majority_accuracy": majority,
-            "wall_time_s": time.perf_counter() - start, "output_dir": str(out)}
+    summary = {"initial_accuracy": initial["accuracy"], "final_accuracy": last_eval["accuracy"],
+               "final_loss": last_eval["loss"], "majority_accuracy": majority,
+               "wall_time_s": time.perf_counter() - start, "output_dir": str(out)}
+    # Written last: its presence marks a finished run (compare skips those on resume).
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 def _append(out: Path, record: dict) -> None:
