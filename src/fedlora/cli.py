@@ -32,7 +32,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"fedlora: {cfg.strategy.name} on {cfg.model.name} / {cfg.data.name}, "
           f"{cfg.data.num_clients} clients, {cfg.federation.rounds} rounds -> "
           f"{cfg.resolved_output_dir()}", file=sys.stderr)
-    summary = run(cfg, overwrite=args.overwrite, progress=not args.quiet)
+    summary = run(cfg, overwrite=args.overwrite, progress=not args.quiet, resume=args.resume)
     print(f"initial accuracy {summary['initial_accuracy']:.3f} -> final accuracy "
           f"{summary['final_accuracy']:.3f} (majority class {summary['majority_accuracy']:.3f}) "
           f"in {summary['wall_time_s']:.0f} s; results in {summary['output_dir']}")
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a TOML config file, then dotted key=value overrides")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results already in the output directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in the output directory from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 

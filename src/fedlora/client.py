@@ -31,6 +31,9 @@ def local_train(
     The loss is the model's own (``labels`` in the batch): cross-entropy for a
     classifier, next-token loss on unmasked labels for a causal LM.
     """
+    expected = task.config.get("fingerprint")
+    if expected and expected != lm.fingerprint:
+        raise ValueError(f"task is for base model {expected}, this client has {lm.fingerprint}")
     lm.load(task)
     lm.model.train()
     params = lm.trainable_parameters()
@@ -52,6 +55,7 @@ def local_train(
         num_examples=num_examples,
         head=lm.head_state(),
         metrics={"train_loss": total / max(steps, 1), "steps": float(steps)},
+        fingerprint=lm.fingerprint,
     )
 
 

@@ -141,6 +141,37 @@ class FederationConfig:
 
 
 @dataclass
+class ReliabilityConfig:
+    checkpoint_every: int = 1  # write a resumable checkpoint every N rounds (0: never)
+    keep_checkpoints: int = 2  # the newest N are kept (an older one is the fallback)
+    min_clients: int = 1  # a round with fewer valid updates leaves the global state as is
+    dropout: float = 0.0  # simulator fault: probability that a sampled client drops out
+    fail_clients: list[int] = field(default_factory=list)  # simulator fault: these raise
+
+    def validate(self) -> None:
+        _check("reliability.checkpoint_every", self.checkpoint_every >= 0, "must be >= 0")
+        _check("reliability.keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1")
+        _check("reliability.min_clients", self.min_clients >= 1, "must be >= 1")
+        _check("reliability.dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
+
+
+@dataclass
+class PrivacyConfig:
+    clip_norm: float = 0.0  # clip each client's update to this ||ΔW||_F (0: off)
+    noise_multiplier: float = 0.0  # DP: Gaussian noise std = multiplier * dp_clip / clients
+    dp_clip: float = 0.0  # DP: L2 clip of each client's uploaded factor increment
+    delta: float = 1e-5  # DP: report epsilon at this delta
+
+    def validate(self) -> None:
+        _check("privacy.clip_norm", self.clip_norm >= 0, "must be >= 0 (0 disables clipping)")
+        _check("privacy.dp_clip", self.dp_clip >= 0, "must be >= 0")
+        _check("privacy.noise_multiplier", self.noise_multiplier >= 0, "must be >= 0")
+        _check("privacy.noise_multiplier", not (self.noise_multiplier > 0 and self.dp_clip <= 0),
+               "noise needs a clip: set privacy.dp_clip > 0")
+        _check("privacy.delta", 0 < self.delta < 1, "must be in (0, 1)")
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     output_dir: str = ""  # default: runs/<strategy>-seed<seed>
@@ -150,6 +181,8 @@ class RunConfig:
     budgets: BudgetConfig = field(default_factory=BudgetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

@@ -6,6 +6,7 @@ rank-``k`` block of a rank-``r`` adapter must use the strategy's ``s * r / k``.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
 
@@ -111,6 +112,23 @@ class LoRAModel:
         if missing:
             raise ValueError(f"head parameters not found in the model: {missing}")
         self._head = {n: params[n] for n in self.head_names}
+        self._fingerprint = ""
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the frozen base weights and the adapted module paths (computed once).
+
+        Tasks and updates carry it, so an update trained on another base is rejected.
+        """
+        if not self._fingerprint:
+            h = hashlib.sha256(repr(sorted(self.layers)).encode())
+            for name, p in sorted(self.model.named_parameters()):
+                if name.endswith(("lora_A", "lora_B")) or name in self._head:
+                    continue
+                h.update(name.encode())
+                h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {n: layer.shape for n, layer in self.layers.items()}

@@ -1,4 +1,4 @@
-"""The server's round logic around a strategy: client sampling, the dense head, traffic.
+"""The server's round logic around a strategy: sampling, screening, clipping, the head, DP.
 
 Both carriers (the in-process simulator and the Flower ServerApp) drive this object,
 so a round means the same thing on one machine and across many.
@@ -6,14 +6,20 @@ so a round means the same thing on one machine and across many.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from . import state as S
-from .seeding import numpy_rng
+from .config import PrivacyConfig
+from .robust import clip_increment, clip_update
+from .seeding import numpy_rng, torch_generator
 from .types import ClientSpec, ClientTask, ClientUpdate, Strategy, payload_nbytes
+from .validate import screen_updates
+
+log = logging.getLogger("fedlora.server")
 
 
 def sample_clients(num_clients: int, per_round: int, seed: int, rnd: int) -> list[int]:
@@ -24,14 +30,26 @@ def sample_clients(num_clients: int, per_round: int, seed: int, rnd: int) -> lis
 
 
 class FederatedServer:
-    """A strategy plus the parts every method shares: head averaging and byte counts."""
+    """A strategy plus what every method shares: screening and clipping of updates,
+    head averaging, traffic counts, and differential privacy."""
 
     def __init__(self, strategy: Strategy, head: Mapping[str, Tensor], budgets: Sequence[int],
-                 num_examples: Sequence[int]) -> None:
+                 num_examples: Sequence[int], fingerprint: str = "", min_clients: int = 1,
+                 privacy: PrivacyConfig | None = None, seed: int = 0,
+                 sample_rate: float = 1.0) -> None:
         self.strategy = strategy
         self.head = {k: v.detach().clone() for k, v in head.items()}
         self.budgets = list(budgets)
         self.num_examples = list(num_examples)
+        self.fingerprint = fingerprint
+        self.min_clients = min_clients
+        self.privacy = privacy or PrivacyConfig()
+        self.seed = seed
+        self.sample_rate = sample_rate  # share of the population per round (DP accounting)
+        self.dp_rounds = 0  # rounds that added noise (for privacy accounting)
+        if self.privacy.noise_multiplier > 0 and not hasattr(strategy, "perturb_"):
+            raise ValueError(f"privacy.noise_multiplier: strategy {strategy.name!r} does not "
+                             "support DP noise (supported: fslora)")
 
     def spec(self, cid: int) -> ClientSpec:
         return ClientSpec(cid=cid, budget=self.budgets[cid], num_examples=self.num_examples[cid])
@@ -40,26 +58,82 @@ class FederatedServer:
         tasks = self.strategy.configure(rnd, [self.spec(c) for c in cids])
         for task in tasks.values():
             task.head = {k: v.clone() for k, v in self.head.items()}
+            if self.fingerprint:
+                task.config["fingerprint"] = self.fingerprint
         return tasks
 
     def aggregate(self, rnd: int, tasks: Mapping[int, ClientTask],
-                  updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
-        """Fold the updates into the global state; return the round's metrics."""
-        cids = sorted(updates)
+                  updates: Mapping[int, ClientUpdate] | Iterable[tuple[int, ClientUpdate]]
+                  ) -> dict[str, float]:
+        """Screen, clip and fold the round's updates into the global state.
+
+        ``updates`` may hold several answers of one client (as a list of pairs): such a
+        client is rejected. Fewer than ``min_clients`` valid updates skip the round.
+        """
+        pairs = list(updates.items() if isinstance(updates, Mapping) else updates)
         metrics: dict[str, float] = {
-            "clients": float(len(cids)),
-            "bytes_down": float(sum(payload_nbytes(tasks[c]) for c in tasks)),
-            "bytes_up": float(sum(payload_nbytes(updates[c]) for c in cids)),
+            "clients": float(len(tasks)),
+            "bytes_down": float(sum(payload_nbytes(t) for t in tasks.values())),
+            "bytes_up": float(sum(payload_nbytes(u) for _, u in pairs)),
         }
-        if not cids:
+        valid, rejected = screen_updates(tasks, pairs, {c: self.num_examples[c] for c in tasks},
+                                         self.fingerprint)
+        for r in rejected:
+            log.warning("round %d: rejected %s", rnd, r)
+        metrics["rejected"] = float(len(rejected))
+        metrics["dropped"] = float(len(set(tasks) - {c for c, _ in pairs}))
+        if len(valid) < self.min_clients:
+            log.warning("round %d: %d valid updates < min_clients=%d; global state unchanged",
+                        rnd, len(valid), self.min_clients)
+            metrics["skipped"] = 1.0
             return metrics
-        weights = S.example_weights([updates[c].num_examples for c in cids])
+        valid = self._clip(tasks, valid, metrics)
+        cids = sorted(valid)
+        weights = S.example_weights([valid[c].num_examples for c in cids])
         if self.head:
-            self.head = S.weighted_sum_tensors([updates[c].head for c in cids], weights)
-        losses = [updates[c].metrics.get("train_loss", float("nan")) for c in cids]
+            self.head = S.weighted_sum_tensors([valid[c].head for c in cids], weights)
+        losses = [valid[c].metrics.get("train_loss", float("nan")) for c in cids]
         metrics["train_loss"] = float(sum(w * x for w, x in zip(weights, losses)))
-        metrics.update(self.strategy.aggregate(rnd, updates))
+        metrics.update(self.strategy.aggregate(rnd, valid))
+        if self.privacy.noise_multiplier > 0:
+            self._add_noise(rnd, len(cids))
+            metrics["dp_epsilon"] = self.epsilon()
         return metrics
+
+    def _clip(self, tasks: Mapping[int, ClientTask], valid: dict[int, ClientUpdate],
+              metrics: dict[str, float]) -> dict[int, ClientUpdate]:
+        p = self.privacy
+        if p.clip_norm > 0:
+            clipped = {c: clip_update(tasks[c], u, p.clip_norm) for c, u in valid.items()}
+            metrics["clipped"] = float(sum(norm > p.clip_norm for _, norm in clipped.values()))
+            valid = {c: u for c, (u, _) in clipped.items()}
+        if p.noise_multiplier > 0:
+            # DP: bounded per-client sensitivity and equal weights (sensitivity dp_clip / n).
+            valid = {c: clip_increment(tasks[c], u, p.dp_clip) for c, u in valid.items()}
+            for u in valid.values():
+                u.num_examples = 1
+        return valid
+
+    def noise_std(self, num_clients: int) -> float:
+        return self.privacy.noise_multiplier * self.privacy.dp_clip / num_clients
+
+    def _add_noise(self, rnd: int, num_clients: int) -> None:
+        """Gaussian noise, once per round, on the aggregate (factors and head)."""
+        std = self.noise_std(num_clients)
+        g = torch_generator(self.seed, "dp-noise", rnd)
+        self.strategy.perturb_(std, g)
+        for k in sorted(self.head):
+            self.head[k] += torch.randn(self.head[k].shape, generator=g, dtype=self.head[k].dtype) * std
+        self.dp_rounds += 1
+
+    def epsilon(self) -> float:
+        """(epsilon, delta)-DP spent so far, from opacus's RDP accountant."""
+        from opacus.accountants import RDPAccountant
+
+        acc = RDPAccountant()
+        for _ in range(self.dp_rounds):
+            acc.step(noise_multiplier=self.privacy.noise_multiplier, sample_rate=self.sample_rate)
+        return float(acc.get_epsilon(delta=self.privacy.delta))
 
     def global_task(self) -> ClientTask:
         task = self.strategy.global_task()
@@ -67,9 +141,10 @@ class FederatedServer:
         return task
 
     def state_dict(self) -> dict:
-        return {"strategy": self.strategy.state_dict(),
+        return {"strategy": self.strategy.state_dict(), "dp_rounds": self.dp_rounds,
                 "head": {k: v.clone() for k, v in self.head.items()}}
 
     def load_state_dict(self, sd: dict) -> None:
         self.strategy.load_state_dict(sd["strategy"])
+        self.dp_rounds = sd.get("dp_rounds", 0)
         self.head = {k: torch.as_tensor(v).clone() for k, v in sd["head"].items()}

@@ -7,6 +7,7 @@ head in and out, so nothing of size ``W0`` is copied per client.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .budgets import client_budgets
+from .checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from .client import evaluate_classification, local_train
 from .config import ConfigError, RunConfig, to_toml
 from .data import (FederatedData, TextDataset, encode_classification, eval_batches, load_text_dataset,
@@ -24,10 +26,12 @@ from .data import (FederatedData, TextDataset, encode_classification, eval_batch
 from .export import save_peft_adapter
 from .lora import LoRAModel
 from .models import load_model, resolve_model_path
-from .seeding import derive_seed, torch_generator
+from .seeding import derive_seed, numpy_rng, torch_generator
 from .server import FederatedServer, sample_clients
 from .strategies import build_strategy
 from .types import ClientUpdate
+
+log = logging.getLogger("fedlora.simulate")
 
 
 @dataclass
@@ -40,10 +44,11 @@ class Experiment:
     budgets: list[int]
     server: FederatedServer
 
-    @property
-    def clients_per_round(self) -> int:
-        fed, n = self.cfg.federation, self.cfg.data.num_clients
-        return fed.clients_per_round or max(1, math.ceil(fed.fraction * n))
+
+
+def clients_per_round(cfg: RunConfig) -> int:
+    fed, n = cfg.federation, cfg.data.num_clients
+    return fed.clients_per_round or max(1, math.ceil(fed.fraction * n))
 
 
 def build_data(cfg: RunConfig, ds: TextDataset, tokenizer) -> FederatedData:
@@ -59,7 +64,14 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     lm = LoRAModel(loaded.model, cfg.model.targets, head=loaded.head, dropout=cfg.model.dropout)
     budgets = client_budgets(cfg.budgets, cfg.data.num_clients, cfg.seed)
     strategy = build_strategy(cfg.strategy, lm.shapes(), budgets, cfg.seed)
-    server = FederatedServer(strategy, lm.head_state(), budgets, [len(c) for c in data.clients])
+    try:
+        server = FederatedServer(
+            strategy, lm.head_state(), budgets, [len(c) for c in data.clients],
+            fingerprint=lm.fingerprint, min_clients=cfg.reliability.min_clients,
+            privacy=cfg.privacy, seed=cfg.seed,
+            sample_rate=clients_per_round(cfg) / cfg.data.num_clients)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return Experiment(cfg, lm, data, budgets, server)
 
 
@@ -77,45 +89,100 @@ def evaluate_global(exp: Experiment) -> dict[str, float]:
     return evaluate_classification(exp.lm, exp.server.global_task(), batches)
 
 
-def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    if (out / "metrics.jsonl").exists() and not overwrite:
-        raise ConfigError(
-            f"output directory {out} already holds a run; pass --overwrite or set output_dir=..."
-        )
+class ClientFault(RuntimeError):
+    """A simulated client failure (reliability.fail_clients)."""
+
+
+def simulate_round(exp: Experiment, rnd: int) -> dict[str, float]:
+    """One round: sample, configure, train (with injected faults), aggregate."""
+    cfg, rel = exp.cfg, exp.cfg.reliability
+    cids = sample_clients(cfg.data.num_clients, clients_per_round(cfg), cfg.seed, rnd)
+    tasks = exp.server.configure(rnd, cids)
+    updates: dict[int, ClientUpdate] = {}
+    lost: list[int] = []
+    for cid, task in tasks.items():
+        if rel.dropout and numpy_rng(cfg.seed, "client-dropout", rnd, cid).random() < rel.dropout:
+            lost.append(cid)
+            continue
+        try:
+            if cid in rel.fail_clients:
+                raise ClientFault(f"injected failure of client {cid}")
+            updates[cid] = train_client(exp, rnd, cid, task)
+        except (ClientFault, FloatingPointError) as e:
+            log.warning("round %d: client %d failed: %s", rnd, cid, e)
+            lost.append(cid)
+    metrics = exp.server.aggregate(rnd, tasks, updates)
+    metrics["dropped_clients"] = lost
+    return metrics
+
+
+def prepare_output_dir(out: Path, overwrite: bool, resume: bool) -> int:
+    """Make ``out`` ready; return the last finished round to continue from (0: start)."""
+    has_run = (out / "metrics.jsonl").exists()
+    if has_run and resume:
+        return -1  # decided by the checkpoint
+    if has_run and not overwrite:
+        raise ConfigError(f"output directory {out} already holds a run; pass --resume to "
+                          "continue it, --overwrite to replace it, or set output_dir=...")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    for old in [out / "metrics.jsonl", out / "summary.json", *list_checkpoints(out / "checkpoints")]:
+        old.unlink(missing_ok=True)
+    return 0
+
+
+def restore(exp: Experiment, out: Path) -> int:
+    """Load the newest good checkpoint; cut metrics.jsonl back to it. Returns its round."""
+    found = latest_checkpoint(out / "checkpoints")
+    if found is None:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        return 0
+    rnd, payload = found
+    exp.server.load_state_dict(payload["server"])
+    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    kept = [ln for ln in lines if ln.endswith("}") and json.loads(ln)["round"] <= rnd]
+    (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
+    return rnd
 
 
 def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
-        exp: Experiment | None = None) -> dict[str, float]:
-    """Run every round, writing ``config.toml``, ``clients.json``, ``metrics.jsonl`` and
-    ``adapter/`` into the output directory; return a summary."""
+        exp: Experiment | None = None, resume: bool = False) -> dict[str, float]:
+    """Run every round, writing ``config.toml``, ``clients.json``, ``metrics.jsonl``,
+    ``checkpoints/`` and ``adapter/`` into the output directory; return a summary.
+
+    With ``resume``, continue from the newest good checkpoint in the output directory.
+    """
     out = cfg.resolved_output_dir()
-    prepare_output_dir(out, overwrite)
+    done = prepare_output_dir(out, overwrite, resume)
     (out / "config.toml").write_text(to_toml(cfg))
     start = time.perf_counter()
     exp = exp or build_experiment(cfg)
     (out / "clients.json").write_text(json.dumps(
         {"budgets": exp.budgets, "num_examples": [len(c) for c in exp.data.clients],
          "test_examples": len(exp.data.test), "labels": exp.data.label_names}, indent=1))
-    fed = cfg.federation
-    initial = evaluate_global(exp)
-    _append(out, {"round": 0, **{f"eval_{k}": v for k, v in initial.items()},
-                  "wall_time_s": time.perf_counter() - start})
-    last_eval = initial
-    bar = tqdm(range(1, fed.rounds + 1), desc=f"{cfg.strategy.name}", unit="round",
-               disable=not progress, dynamic_ncols=True)
+    fed, rel = cfg.federation, cfg.reliability
+    done = restore(exp, out) if done < 0 else 0
+    if done == 0:
+        initial = evaluate_global(exp)
+        _append(out, {"round": 0, **{f"eval_{k}": v for k, v in initial.items()},
+                      "wall_time_s": time.perf_counter() - start})
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    initial = {k[5:]: v for k, v in rows[0].items() if k.startswith("eval_")}
+    last_eval = next({k[5:]: v for k, v in r.items() if k.startswith("eval_")}
+                     for r in reversed(rows) if "eval_accuracy" in r)
+    bar = tqdm(range(done + 1, fed.rounds + 1), desc=f"{cfg.strategy.name}", unit="round",
+               disable=not progress, dynamic_ncols=True, initial=done, total=fed.rounds)
     for rnd in bar:
         t0 = time.perf_counter()
-        cids = sample_clients(cfg.data.num_clients, exp.clients_per_round, cfg.seed, rnd)
-        tasks = exp.server.configure(rnd, cids)
-        updates = {cid: train_client(exp, rnd, cid, task) for cid, task in tasks.items()}
-        metrics = exp.server.aggregate(rnd, tasks, updates)
+        metrics = simulate_round(exp, rnd)
         if rnd % fed.eval_every == 0 or rnd == fed.rounds:
             last_eval = evaluate_global(exp)
             metrics.update({f"eval_{k}": v for k, v in last_eval.items()})
         metrics["wall_time_s"] = time.perf_counter() - t0
         _append(out, {"round": rnd, **metrics})
+        if rel.checkpoint_every and (rnd % rel.checkpoint_every == 0 or rnd == fed.rounds):
+            save_checkpoint(out / "checkpoints", rnd, {"round": rnd, "server": exp.server.state_dict(),
+                                                       "budgets": exp.budgets},
+                            keep=rel.keep_checkpoints)
         bar.set_postfix(loss=f"{metrics.get('train_loss', float('nan')):.3f}",
                         acc=f"{last_eval['accuracy']:.3f}")
     save_peft_adapter(exp.server.global_task(), out / "adapter",

@@ -87,6 +87,7 @@ class ClientUpdate:
     num_examples: int
     head: dict[str, Tensor] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    fingerprint: str = ""  # of the base model the client trained on (see LoRAModel)
 
 
 class Strategy(Protocol):

@@ -79,6 +79,16 @@ class FSLoRA:
             coverage[self._sent[c]] = True
         return {"rank_coverage": coverage.float().mean().item()}
 
+    def perturb_(self, std: float, generator: torch.Generator) -> None:
+        """Add N(0, std²) to every global coordinate (DP noise on the round's mean increment;
+        with a server learning rate the noise is scaled like the increment it rides on)."""
+        if self.optimizer.kind != "sgd":
+            raise ValueError("DP noise needs strategy.server_optimizer = 'sgd'")
+        for name in sorted(self.factors):
+            f = self.factors[name]
+            f.A.add_(torch.randn(f.A.shape, generator=generator, dtype=f.A.dtype), alpha=std * self.optimizer.lr)
+            f.B.add_(torch.randn(f.B.shape, generator=generator, dtype=f.B.dtype), alpha=std * self.optimizer.lr)
+
     def global_task(self) -> ClientTask:
         return ClientTask(factors=S.clone(self.factors), scale=self.scale)
 
