@@ -6,6 +6,7 @@ so a round means the same thing on one machine and across many.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -36,7 +37,7 @@ class FederatedServer:
     def __init__(self, strategy: Strategy, head: Mapping[str, Tensor], budgets: Sequence[int],
                  num_examples: Sequence[int], fingerprint: str = "", min_clients: int = 1,
                  privacy: PrivacyConfig | None = None, seed: int = 0,
-                 sample_rate: float = 1.0) -> None:
+                 sample_rate: float = 1.0, weighting: str = "examples") -> None:
         self.strategy = strategy
         self.head = {k: v.detach().clone() for k, v in head.items()}
         self.budgets = list(budgets)
@@ -45,6 +46,7 @@ class FederatedServer:
         self.min_clients = min_clients
         self.privacy = privacy or PrivacyConfig()
         self.seed = seed
+        self.weighting = weighting  # "examples" (p_i ∝ n_i) or "uniform" (p_i = 1/N)
         self.sample_rate = sample_rate  # share of the population per round (DP accounting)
         self.dp_rounds = 0  # rounds that added noise (for privacy accounting)
         if self.privacy.noise_multiplier > 0 and not hasattr(strategy, "perturb_"):
@@ -87,7 +89,7 @@ class FederatedServer:
                         rnd, len(valid), self.min_clients)
             metrics["skipped"] = 1.0
             return metrics
-        valid = self._clip(tasks, valid, metrics)
+        valid = self._bound_and_weigh(tasks, valid, metrics)
         cids = sorted(valid)
         weights = S.example_weights([valid[c].num_examples for c in cids])
         if self.head:
@@ -100,7 +102,7 @@ class FederatedServer:
             metrics["dp_epsilon"] = self.epsilon()
         return metrics
 
-    def _clip(self, tasks: Mapping[int, ClientTask], valid: dict[int, ClientUpdate],
+    def _bound_and_weigh(self, tasks: Mapping[int, ClientTask], valid: dict[int, ClientUpdate],
               metrics: dict[str, float]) -> dict[int, ClientUpdate]:
         p = self.privacy
         if p.clip_norm > 0:
@@ -110,8 +112,9 @@ class FederatedServer:
         if p.noise_multiplier > 0:
             # DP: bounded per-client sensitivity and equal weights (sensitivity dp_clip / n).
             valid = {c: clip_increment(tasks[c], u, p.dp_clip) for c, u in valid.items()}
-            for u in valid.values():
-                u.num_examples = 1
+        if p.noise_multiplier > 0 or self.weighting == "uniform":
+            # Every strategy weights by num_examples; one each makes the weights uniform.
+            valid = {c: dataclasses.replace(u, num_examples=1) for c, u in valid.items()}
         return valid
 
     def noise_std(self, num_clients: int) -> float:

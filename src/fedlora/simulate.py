@@ -69,7 +69,8 @@ def build_experiment(cfg: RunConfig) -> Experiment:
             strategy, lm.head_state(), budgets, [len(c) for c in data.clients],
             fingerprint=lm.fingerprint, min_clients=cfg.reliability.min_clients,
             privacy=cfg.privacy, seed=cfg.seed,
-            sample_rate=clients_per_round(cfg) / cfg.data.num_clients)
+            sample_rate=clients_per_round(cfg) / cfg.data.num_clients,
+            weighting=cfg.strategy.weighting)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return Experiment(cfg, lm, data, budgets, server)
