@@ -74,3 +74,16 @@ def test_explicit_budgets_and_budget_file(tmp_path):
     f = tmp_path / "b.toml"
     f.write_text("budgets = [2, 4, 6]\n")
     assert client_budgets(BudgetConfig(file=str(f)), 3, 0) == [2, 4, 6]
+
+
+def test_balanced_dirichlet_equal_sizes_and_skew():
+    from fedlora.partition import balanced_dirichlet_partition
+
+    parts = balanced_dirichlet_partition(LABELS, 10, alpha=0.1, seed=0)
+    assert {len(p) for p in parts} == {100}
+    allidx = np.concatenate(parts)
+    assert len(np.unique(allidx)) == len(allidx)
+    dom = np.mean([np.bincount(LABELS[p], minlength=3).max() / len(p) for p in parts])
+    assert dom > 0.8
+    mild = balanced_dirichlet_partition(LABELS, 10, alpha=100.0, seed=0)
+    assert np.mean([np.bincount(LABELS[p], minlength=3).max() / len(p) for p in mild]) < 0.65

@@ -35,9 +35,13 @@ class ModelConfig:
     dropout: float = 0.0
     max_length: int = 64
     gguf_file: str = ""  # for GGUF checkpoints (transformers' gguf_file=)
+    # Classifier input: "cls" (the model's own sequence-classification head), "mean" (mean
+    # of token states), or "auto" (mean for sentence-transformers checkpoints that pool so).
+    pooling: str = "auto"
 
     def validate(self) -> None:
         _choice("model.task", self.task, ("classification", "causal-lm"))
+        _choice("model.pooling", self.pooling, ("auto", "cls", "mean"))
         _check("model.targets", bool(self.targets), "must list at least one module name")
         _check("model.dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
         _check("model.max_length", self.max_length > 0, "must be positive")
@@ -50,7 +54,9 @@ class DataConfig:
     text_column: str = "text"
     label_column: str = "sentiment"
     num_clients: int = 10
-    partition: str = "dirichlet"  # iid | dirichlet | group
+    # iid | dirichlet (each class split by Dirichlet shares: skewed labels AND sizes) |
+    # dirichlet-balanced (equal sizes, label mix ~ Dirichlet per client) | group
+    partition: str = "dirichlet"
     alpha: float = 0.1  # Dirichlet concentration (smaller = more skewed)
     group_column: str = ""  # partition="group": one group per client (default: the label)
     test_size: int = 600
@@ -59,7 +65,7 @@ class DataConfig:
 
     def validate(self) -> None:
         _check("data.num_clients", self.num_clients > 0, "must be positive")
-        _choice("data.partition", self.partition, ("iid", "dirichlet", "group"))
+        _choice("data.partition", self.partition, ("iid", "dirichlet", "dirichlet-balanced", "group"))
         _check("data.alpha", self.alpha > 0, "must be positive")
         _check("data.test_size", self.test_size > 0, "must be positive")
         _check("data.max_examples", self.max_examples >= 0, "must be >= 0 (0 = all)")

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .config import ConfigError, DataConfig
-from .partition import dirichlet_partition, group_partition, iid_partition, stratified_holdout
+from .partition import balanced_dirichlet_partition, dirichlet_partition, group_partition, iid_partition, stratified_holdout
 from .seeding import numpy_rng
 
 BUILTIN_DATA = {
@@ -149,6 +149,8 @@ def split_clients(ds: TextDataset, cfg: DataConfig, seed: int) -> tuple[list[np.
         elif cfg.partition == "dirichlet":
             parts = dirichlet_partition(ds.labels[train], cfg.num_clients, cfg.alpha, seed,
                                         cfg.min_client_size)
+        elif cfg.partition == "dirichlet-balanced":
+            parts = balanced_dirichlet_partition(ds.labels[train], cfg.num_clients, cfg.alpha, seed)
         else:
             groups = ds.groups if ds.groups is not None else np.array(ds.label_names)[ds.labels]
             parts = group_partition(groups[train], cfg.num_clients, seed)

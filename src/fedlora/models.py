@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .config import ConfigError, ModelConfig
 from .data import package_file
@@ -22,6 +24,37 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     head: list[str]  # parameters created fresh for the task (e.g. the classifier): trained
+
+
+class MeanPoolClassifier(nn.Module):
+    """Encoder + linear head over the mean of the (unmasked) token states.
+
+    Sentence-embedding checkpoints are trained with mean pooling, so their CLS token
+    (what ``AutoModelForSequenceClassification`` uses) is a poor feature; this head
+    classifies the embedding the checkpoint was trained to produce.
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        logits = self.classifier((h * m).sum(1) / m.sum(1).clamp_min(1.0))
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def uses_mean_pooling(path: str) -> bool:
+    """True for a sentence-transformers directory whose pooling module is mean pooling."""
+    cfg = Path(path) / "1_Pooling" / "config.json"
+    return cfg.is_file() and bool(json.loads(cfg.read_text()).get("pooling_mode_mean_tokens"))
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
@@ -52,7 +85,14 @@ def load_model(cfg: ModelConfig, num_labels: int, seed: int) -> LoadedModel:
     torch.manual_seed(seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        if cfg.task == "classification":
+        pooling = cfg.pooling if cfg.pooling != "auto" else (
+            "mean" if uses_mean_pooling(path) else "cls")
+        if cfg.task == "classification" and pooling == "mean":
+            from transformers import AutoModel
+
+            model = MeanPoolClassifier(AutoModel.from_pretrained(path, **kwargs), num_labels)
+            head = ["classifier.bias", "classifier.weight"]
+        elif cfg.task == "classification":
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=num_labels, output_loading_info=True, **kwargs)
             head = sorted(info["missing_keys"])

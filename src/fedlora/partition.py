@@ -52,6 +52,33 @@ def dirichlet_partition(
     )
 
 
+def balanced_dirichlet_partition(
+    labels: Sequence[int] | np.ndarray, num_clients: int, alpha: float, seed: int
+) -> list[np.ndarray]:
+    """Label skew with equal client sizes (Hsu et al., 2019): client ``i`` draws class
+    proportions ``q_i ~ Dirichlet(alpha * prior)`` and fills ``n / num_clients`` slots
+    from the class pools (a pool that runs dry is dropped and ``q_i`` renormalised)."""
+    labels = np.asarray(labels)
+    _check_enough(len(labels), num_clients)
+    rng = numpy_rng(seed, "dirichlet-balanced", alpha)
+    classes, counts = np.unique(labels, return_counts=True)
+    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in classes]
+    prior = counts / counts.sum()
+    size = len(labels) // num_clients
+    parts = []
+    for _ in range(num_clients):
+        q = rng.dirichlet(alpha * prior * len(classes))
+        take: list[int] = []
+        while len(take) < size:
+            open_ = np.array([len(p) > 0 for p in pools])
+            w = np.where(open_, q, 0.0)
+            w = w / w.sum() if w.sum() > 0 else open_ / open_.sum()
+            c = rng.choice(len(classes), p=w)
+            take.append(int(pools[c].pop()))
+        parts.append(np.sort(np.array(take, dtype=np.int64)))
+    return parts
+
+
 def group_partition(groups: Sequence[object], num_clients: int, seed: int) -> list[np.ndarray]:
     """One group (task, topic, label) per client; with more clients than groups, each
     group is shared by several clients, split IID among them."""
