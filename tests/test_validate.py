@@ -98,3 +98,16 @@ def test_unexpected_client_and_min_clients_skip_leave_state_unchanged():
     assert metrics["skipped"] == 1 and metrics["rejected"] == 1
     for n in SHAPES:
         assert torch.equal(server.strategy.factors[n].A, before[n].A)
+
+
+def test_uniform_weighting_ignores_example_counts():
+    server = make_server()
+    server.weighting = "uniform"
+    tasks = server.configure(1, [0, 1, 2])
+    ups = {c: honest(tasks[c], c, server.num_examples[c]) for c in tasks}
+    ref = make_server()
+    rt = ref.configure(1, [0, 1, 2])
+    ref.aggregate(1, rt, {c: ClientUpdate(u.factors, 7, u.head, fingerprint="base-1") for c, u in ups.items()})
+    server.aggregate(1, tasks, ups)
+    torch.testing.assert_close(server.strategy.factors["q"].B, ref.strategy.factors["q"].B)
+    torch.testing.assert_close(server.head["classifier.weight"], ref.head["classifier.weight"])
