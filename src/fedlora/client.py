@@ -56,6 +56,7 @@ def local_train(
         head=lm.head_state(),
         metrics={"train_loss": total / max(steps, 1), "steps": float(steps)},
         fingerprint=lm.fingerprint,
+        frozen_A=not task.train_A,
     )
 
 

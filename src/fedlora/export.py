@@ -34,7 +34,7 @@ def save_peft_adapter(task: ClientTask, out_dir: Path, base_model: str, alpha: f
     (``modules_to_save``), as PEFT writes them.
     """
     factors = merged_factors(task)
-    rank = max((f.rank for f in factors.values()), default=1)
+    rank = max([1, *(f.rank for f in factors.values())])  # PEFT needs r >= 1
     peft_scale = alpha / rank
     tensors = {}
     for name, f in factors.items():

@@ -40,7 +40,8 @@ def shrink(task: ClientTask, update: ClientUpdate, c: float) -> ClientUpdate:
                for n, s in task.factors.items()}
     head = {k: t + c * (update.head[k] - t) for k, t in task.head.items()}
     return ClientUpdate(factors=factors, num_examples=update.num_examples, head=head,
-                        metrics=dict(update.metrics), fingerprint=update.fingerprint)
+                        metrics=dict(update.metrics), fingerprint=update.fingerprint,
+                        frozen_A=update.frozen_A)
 
 
 def clip_update(task: ClientTask, update: ClientUpdate, max_norm: float,

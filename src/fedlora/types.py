@@ -88,6 +88,9 @@ class ClientUpdate:
     head: dict[str, Tensor] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     fingerprint: str = ""  # of the base model the client trained on (see LoRAModel)
+    # True when the task froze A (FFA-LoRA): A is then not uploaded, nor counted as traffic;
+    # the receiver restores it from the task it sent.
+    frozen_A: bool = False
 
 
 class Strategy(Protocol):
@@ -121,8 +124,10 @@ def tensors_of(payload: ClientTask | ClientUpdate) -> dict[str, Tensor]:
     exactly these, so the reported traffic is what is really sent.
     """
     out: dict[str, Tensor] = {}
+    skip_A = getattr(payload, "frozen_A", False)
     for name, f in payload.factors.items():
-        out[f"lora.{name}.A"] = f.A
+        if not skip_A:
+            out[f"lora.{name}.A"] = f.A
         out[f"lora.{name}.B"] = f.B
     for name, f in getattr(payload, "base_delta", {}).items():
         out[f"delta.{name}.A"] = f.A

@@ -1,0 +1,51 @@
+"""FFA-LoRA: ``A`` frozen at its random init, only ``B`` trained and averaged
+(Sun et al., ICLR 2024, arXiv 2403.12313).
+
+With ``A`` fixed the average is exact: ``Σ p_i B_i A = (Σ p_i B_i) A``. Heterogeneous
+budgets use the leading rows of one frozen rank-``max r_i`` ``A`` (client ``i``
+trains ``B[:, :r_i]``), and zero-padding ``B_i`` keeps the average exact:
+``Σ p_i pad(B_i) A = Σ p_i B_i A[:r_i]``. Clients upload only ``B``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .. import state as S
+from ..types import ClientSpec, ClientTask, ClientUpdate, Factors, LoRAState
+
+
+class FFALoRA:
+    name = "ffa"
+
+    def __init__(self, shapes: Mapping[str, tuple[int, int]], budgets: Sequence[int], alpha: float,
+                 seed: int, rslora: bool = False) -> None:
+        self.rank = max(budgets)
+        self.scale = S.lora_scale(alpha, self.rank, rslora)
+        self.factors: LoRAState = S.init_factors(shapes, self.rank, torch.Generator().manual_seed(seed))
+
+    def configure(self, rnd: int, clients: Sequence[ClientSpec]) -> dict[int, ClientTask]:
+        return {c.cid: ClientTask(factors=S.truncate_rank(self.factors, min(c.budget, self.rank)),
+                                  scale=self.scale, train_A=False) for c in clients}
+
+    def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
+        if not updates:
+            return {}
+        cids = sorted(updates)
+        weights = S.example_weights([updates[c].num_examples for c in cids])
+        padded = [S.pad_rank(updates[c].factors, self.rank) for c in cids]
+        mean_B = S.weighted_sum(padded, weights)
+        # A never moves: only B is taken from the clients
+        self.factors = {n: Factors(A=f.A, B=mean_B[n].B) for n, f in self.factors.items()}
+        return {}
+
+    def global_task(self) -> ClientTask:
+        return ClientTask(factors=S.clone(self.factors), scale=self.scale, train_A=False)
+
+    def state_dict(self) -> dict:
+        return {"factors": S.clone(self.factors)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.factors = S.clone(sd["factors"])

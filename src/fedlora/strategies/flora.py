@@ -1,0 +1,68 @@
+"""FLoRA: stacking-based aggregation with merges into the base (Wang et al., NeurIPS 2024,
+arXiv 2409.05976).
+
+Each round the server stacks the clients' pairs, ``[p_1 s_1 B_1, …] · [A_1; …]`` =
+``Σ p_i s_i B_i A_i`` exactly, and adds them to a frozen delta on top of ``W0`` that
+every task carries (``ClientTask.base_delta``). Every client starts every round from a
+fresh LoRA of its own rank. The delta's rank grows by ``Σ r_i`` a round; once it
+reaches ``min(m, n)`` it is re-factored exactly by SVD, so it never exceeds that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .. import state as S
+from ..lowrank import stack, svd_of_product
+from ..seeding import torch_generator
+from ..types import ClientSpec, ClientTask, ClientUpdate, Factors, LoRAState
+
+
+class FLoRA:
+    name = "flora"
+
+    def __init__(self, shapes: Mapping[str, tuple[int, int]], alpha: float, seed: int,
+                 rslora: bool = False) -> None:
+        self.shapes = dict(shapes)
+        self.alpha, self.rslora, self.seed = alpha, rslora, seed
+        self.delta: LoRAState = {}  # cumulative merged update per module (scale folded in)
+        self._scales: dict[int, float] = {}
+
+    def configure(self, rnd: int, clients: Sequence[ClientSpec]) -> dict[int, ClientTask]:
+        self._scales = {c.cid: S.lora_scale(self.alpha, c.budget, self.rslora) for c in clients}
+        return {
+            c.cid: ClientTask(
+                factors=S.init_factors(self.shapes, c.budget, torch_generator(self.seed, "flora", rnd, c.cid)),
+                scale=self._scales[c.cid],
+                base_delta=S.clone(self.delta),
+            )
+            for c in clients
+        }
+
+    def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
+        if not updates:
+            return {}
+        cids = sorted(updates)
+        p = S.example_weights([updates[c].num_examples for c in cids])
+        weights = [w * self._scales[c] for w, c in zip(p, cids)]
+        for name, (m, n) in self.shapes.items():
+            parts = ([self.delta[name]] if name in self.delta else []) + [updates[c].factors[name] for c in cids]
+            B, A = stack(parts, ([1.0] if name in self.delta else []) + weights)
+            if B.shape[1] >= min(m, n):  # lossless re-factoring keeps the rank <= min(m, n)
+                d = svd_of_product(B, A)
+                f = d.truncate(d.S.numel(), 1.0, "balanced")
+                B, A = f.B, f.A
+            self.delta[name] = Factors(A=A, B=B)
+        return {"delta_rank": float(next(iter(self.delta.values())).rank)}
+
+    def global_task(self) -> ClientTask:
+        empty = {n: Factors(A=torch.zeros(0, i), B=torch.zeros(o, 0)) for n, (o, i) in self.shapes.items()}
+        return ClientTask(factors=empty, scale=1.0, base_delta=S.clone(self.delta))
+
+    def state_dict(self) -> dict:
+        return {"delta": S.clone(self.delta)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.delta = S.clone(sd["delta"])

@@ -1,0 +1,60 @@
+"""HetLoRA: zero-padding aggregation of heterogeneous ranks (Cho et al., 2024,
+arXiv 2401.06432).
+
+The global rank is the largest budget. Client ``i`` trains the leading block
+``B[:, :r_i]``, ``A[:r_i, :]``; the server zero-pads every client's factors to the
+global rank and averages them. All clients use the one global scale ``alpha / r``, so
+a client's block means the same thing in its model and in the global one.
+With ``norm_weighted``, each client's weight is also multiplied by the Frobenius
+norm of its update ``s B_i A_i`` (the paper's sparsity-weighted aggregation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .. import state as S
+from ..robust import product_norm_sq
+from ..types import ClientSpec, ClientTask, ClientUpdate, LoRAState
+
+
+class HetLoRA:
+    name = "hetlora"
+
+    def __init__(self, shapes: Mapping[str, tuple[int, int]], budgets: Sequence[int], alpha: float,
+                 seed: int, rslora: bool = False, norm_weighted: bool = False) -> None:
+        self.rank = max(budgets)
+        self.scale = S.lora_scale(alpha, self.rank, rslora)
+        self.norm_weighted = norm_weighted
+        self.factors: LoRAState = S.init_factors(shapes, self.rank, torch.Generator().manual_seed(seed))
+
+    def configure(self, rnd: int, clients: Sequence[ClientSpec]) -> dict[int, ClientTask]:
+        return {c.cid: ClientTask(factors=S.truncate_rank(self.factors, min(c.budget, self.rank)),
+                                  scale=self.scale) for c in clients}
+
+    def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
+        if not updates:
+            return {}
+        cids = sorted(updates)
+        weights = S.example_weights([updates[c].num_examples for c in cids])
+        if self.norm_weighted:
+            norms = [math.sqrt(sum(product_norm_sq(f.B, f.A) for f in updates[c].factors.values()))
+                     for c in cids]
+            raw = [w * n for w, n in zip(weights, norms)]
+            total = sum(raw)
+            weights = [x / total for x in raw] if total > 0 else weights
+        padded = [S.pad_rank(updates[c].factors, self.rank) for c in cids]
+        self.factors = S.weighted_sum(padded, weights)
+        return {}
+
+    def global_task(self) -> ClientTask:
+        return ClientTask(factors=S.clone(self.factors), scale=self.scale)
+
+    def state_dict(self) -> dict:
+        return {"factors": S.clone(self.factors)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.factors = S.clone(sd["factors"])

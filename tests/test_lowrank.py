@@ -1,0 +1,68 @@
+"""FlexLoRA's factored SVD equals the dense one (issue 3 acceptance 1)."""
+
+import pytest
+import torch
+
+from fedlora.lowrank import dense_svd, factored_svd, svd_of_product
+
+
+def rand(m, n, R, seed, rank_deficient=False):
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(m, R, generator=g, dtype=torch.float64)
+    A = torch.randn(R, n, generator=g, dtype=torch.float64)
+    if rank_deficient:  # half of the stacked columns repeat the others
+        h = R // 2
+        B[:, h:2 * h] = B[:, :h] * 0.5
+        A[h:2 * h] = A[:h]
+    return B, A
+
+
+def best_rank(svd, r):
+    return (svd.U[:, :r] * svd.S[:r]) @ svd.Vh[:r]
+
+
+CASES = [(40, 30, 6, False), (25, 60, 12, False), (20, 16, 20, False), (12, 9, 30, False),
+         (50, 40, 10, True), (33, 21, 8, True)]
+
+
+@pytest.mark.parametrize("m, n, R, deficient", CASES)
+def test_factored_matches_dense(m, n, R, deficient):
+    B, A = rand(m, n, R, seed=m * n + R, rank_deficient=deficient)
+    d, f = dense_svd(B, A), factored_svd(B, A)
+    q = min(m, n, R)
+    torch.testing.assert_close(f.S[:q], d.S[:q], rtol=1e-5, atol=1e-10 * d.S[0].item())
+    # reconstructed best rank-r products agree (singular vectors may differ in sign/order
+    # inside repeated values; the products do not, away from ties)
+    for r in (1, 2, q // 2, q):
+        if r and (r == q or d.S[r - 1] - d.S[r] > 1e-8 * d.S[0]):
+            ref = best_rank(d, r)
+            torch.testing.assert_close(best_rank(f, r), ref, rtol=0, atol=1e-5 * ref.norm().item() + 1e-12)
+    torch.testing.assert_close(best_rank(f, f.S.numel()), B @ A, rtol=0, atol=1e-9 * (B @ A).norm().item())
+
+
+def test_zero_update():
+    B, A = torch.zeros(10, 4, dtype=torch.float64), torch.zeros(4, 7, dtype=torch.float64)
+    for svd in (factored_svd(B, A), svd_of_product(B, A), dense_svd(B, A)):
+        assert svd.S.abs().max() == 0
+        assert best_rank(svd, 3).abs().max() == 0
+        f = svd.truncate(3, scale=0.5)
+        assert torch.isfinite(f.A).all() and torch.isfinite(f.B).all() and (f.B @ f.A).abs().max() == 0
+
+
+def test_auto_route_switches_to_dense_when_R_reaches_min_dim():
+    B, A = rand(8, 6, 7, seed=1)  # R = 7 >= min(8, 6)
+    s = svd_of_product(B, A)
+    torch.testing.assert_close((s.U * s.S) @ s.Vh, B @ A, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("split", ["balanced", "all-in-B"])
+def test_truncate_reproduces_the_product_at_a_given_scale(split):
+    B, A = rand(30, 20, 5, seed=7)
+    s = factored_svd(B, A)
+    f = s.truncate(5, scale=0.25, split=split)
+    torch.testing.assert_close(0.25 * f.B @ f.A, B @ A, rtol=0, atol=1e-9)
+    padded = s.truncate(9, scale=0.25, split=split)  # more rank than there is: zero-padded
+    assert padded.rank == 9
+    torch.testing.assert_close(0.25 * padded.B @ padded.A, B @ A, rtol=0, atol=1e-9)
+    if split == "all-in-B":
+        torch.testing.assert_close(f.A @ f.A.T, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-10)
