@@ -13,9 +13,13 @@ import time
 import pytest
 import torch
 
-from fedlora import state as S
-from fedlora.checkpoint import WRITE_DELAY_ENV, list_checkpoints, read_checkpoint, save_checkpoint
-from fedlora.checkpoint import latest_checkpoint
+from fedlora.checkpoint import (
+    WRITE_DELAY_ENV,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+    save_checkpoint,
+)
 from fedlora.cli import main
 from fedlora.config import load_config
 from fedlora.simulate import build_experiment, simulate_round

@@ -15,7 +15,13 @@ import torch
 from torch import Tensor
 
 from .config import ConfigError, DataConfig
-from .partition import balanced_dirichlet_partition, dirichlet_partition, group_partition, iid_partition, stratified_holdout
+from .partition import (
+    balanced_dirichlet_partition,
+    dirichlet_partition,
+    group_partition,
+    iid_partition,
+    stratified_holdout,
+)
 from .seeding import numpy_rng
 
 BUILTIN_DATA = {

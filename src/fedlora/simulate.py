@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,16 @@ from .budgets import client_budgets
 from .checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from .client import evaluate_classification, local_train
 from .config import ConfigError, RunConfig, to_toml
-from .data import (FederatedData, TextDataset, encode_classification, eval_batches, load_text_dataset,
-                   split_clients, subsample, train_batches)
+from .data import (
+    FederatedData,
+    TextDataset,
+    encode_classification,
+    eval_batches,
+    load_text_dataset,
+    split_clients,
+    subsample,
+    train_batches,
+)
 from .export import save_peft_adapter
 from .lora import LoRAModel
 from .models import load_model, resolve_model_path
@@ -145,12 +154,18 @@ def restore(exp: Experiment, out: Path) -> int:
     return rnd
 
 
+RoundFn = Callable[[Experiment, int], dict]
+
+
 def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
-        exp: Experiment | None = None, resume: bool = False) -> dict[str, float]:
+        exp: Experiment | None = None, resume: bool = False,
+        round_fn: RoundFn = simulate_round) -> dict[str, float]:
     """Run every round, writing ``config.toml``, ``clients.json``, ``metrics.jsonl``,
     ``checkpoints/`` and ``adapter/`` into the output directory; return a summary.
 
     With ``resume``, continue from the newest good checkpoint in the output directory.
+    ``round_fn`` carries one round: in-process here, over a Flower grid in
+    ``fedlora.flower``; evaluation, metrics and checkpoints are the same for both.
     """
     out = cfg.resolved_output_dir()
     done = prepare_output_dir(out, overwrite, resume)
@@ -174,7 +189,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
                disable=not progress, dynamic_ncols=True, initial=done, total=fed.rounds)
     for rnd in bar:
         t0 = time.perf_counter()
-        metrics = simulate_round(exp, rnd)
+        metrics = round_fn(exp, rnd)
         if rnd % fed.eval_every == 0 or rnd == fed.rounds:
             last_eval = evaluate_global(exp)
             metrics.update({f"eval_{k}": v for k, v in last_eval.items()})

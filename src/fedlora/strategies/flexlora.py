@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-
 from .. import state as S
 from ..lowrank import SVD, stack, svd_of_product
 from ..seeding import torch_generator

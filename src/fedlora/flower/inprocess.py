@@ -1,0 +1,66 @@
+"""A Flower Grid that delivers messages synchronously to ClientApps in this process.
+
+It runs the real ServerApp logic and the real ClientApp handlers without a SuperLink
+or Ray: for tests and debugging (a round costs what local training costs).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+FIRST_NODE_ID = 1000  # node id 1 is the SuperLink's own
+
+
+class InProcessGrid(Grid):
+    def __init__(self, client_app: ClientApp, node_configs: list[dict], run_config: dict,
+                 run_id: int = 1) -> None:
+        self.client_app = client_app
+        self.contexts = {
+            FIRST_NODE_ID + i: Context(run_id=run_id, node_id=FIRST_NODE_ID + i, node_config=nc,
+                                       state=RecordDict(), run_config=run_config)
+            for i, nc in enumerate(node_configs)
+        }
+        self.offline: set[int] = set()  # nodes that stopped answering (fault injection)
+        self._replies: dict[str, Message] = {}
+        self._ids = itertools.count()
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 1
+
+    @property
+    def run(self):  # pragma: no cover - not needed in process
+        raise NotImplementedError
+
+    def set_run(self, run_id: int) -> None:  # pragma: no cover
+        pass
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [n for n in self.contexts if n not in self.offline]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node in self.offline:
+                continue
+            key = str(next(self._ids))
+            try:
+                self._replies[key] = self.client_app(msg, self.contexts[node])
+            except Exception as e:  # as a SuperNode does: the failure becomes an error reply
+                self._replies[key] = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"),
+                                             reply_to=msg)
+            ids.append(key)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))

@@ -1,0 +1,107 @@
+"""The Flower carrier runs the same strategies as the simulator (issue 4)."""
+
+import json
+import logging
+import shlex
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("flwr")
+
+from fedlora.cli import default_config_path  # noqa: E402
+from fedlora.config import load_config  # noqa: E402
+from fedlora.flower import client_app, codec  # noqa: E402
+from fedlora.flower.inprocess import InProcessGrid  # noqa: E402
+from fedlora.flower.server_app import GridRounds  # noqa: E402
+from fedlora.simulate import build_experiment, run  # noqa: E402
+from fedlora.types import ClientTask, ClientUpdate, Factors  # noqa: E402
+
+from .conftest import tiny_overrides  # noqa: E402
+
+
+def flower_run(overrides, num_nodes, budgets=None, on_round=None):
+    run_config = {codec.RUN_CONFIG_FILE: "", codec.RUN_OVERRIDES: shlex.join(overrides)}
+    node_configs = [{codec.NODE_PARTITION: i, **({codec.NODE_BUDGET: budgets[i]} if budgets else {})}
+                    for i in range(num_nodes)]
+    grid = InProcessGrid(client_app.app, node_configs, run_config)
+    cfg = codec.config_from_run_config(run_config)
+    rounds = GridRounds(grid, min_nodes=num_nodes, round_timeout=30)
+
+    def round_fn(exp, rnd):
+        if on_round:
+            on_round(grid, rnd)
+        return rounds(exp, rnd)
+
+    exp = build_experiment(cfg)
+    summary = run(cfg, overwrite=True, progress=False, exp=exp, round_fn=round_fn)
+    return exp, summary
+
+
+@pytest.mark.parametrize("strategy", ["fslora", "flexlora"])
+def test_flower_run_equals_the_simulator(tiny_bert_dir, tmp_path, strategy):
+    sim_out, fl_out = tmp_path / "sim", tmp_path / "flower"
+    kw = dict(strategy__name=strategy, federation__fraction=0.75)
+    # the same base as the Flower run config with no file: the built-in default config
+    sim_cfg = load_config(default_config_path(), tiny_overrides(tiny_bert_dir, sim_out, **kw))
+    run(sim_cfg, progress=False)
+    flower_run(tiny_overrides(tiny_bert_dir, fl_out, **kw), num_nodes=4)
+    a = load_file(str(sim_out / "adapter/adapter_model.safetensors"))
+    b = load_file(str(fl_out / "adapter/adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    assert (sim_out / "metrics.jsonl").read_text().count("\n") == (fl_out / "metrics.jsonl").read_text().count("\n")
+
+
+def test_node_budgets_come_from_node_config(tiny_bert_dir, tmp_path):
+    exp, _ = flower_run(tiny_overrides(tiny_bert_dir, tmp_path / "b", federation__rounds=1,
+                                       federation__fraction=1.0), num_nodes=4, budgets=[2, 2, 4, 8])
+    assert exp.server.budgets == [2, 2, 4, 8]
+    row = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[1])
+    task_bytes = sum(r * (o + i) * 4 for r in (2, 2, 4, 8) for o, i in exp.lm.shapes().values())
+    head_bytes = 4 * sum(t.numel() for t in exp.server.head.values()) * 4
+    assert row["bytes_down"] == task_bytes + head_bytes  # each node got a sketch of its own size
+
+
+def test_failing_and_vanished_nodes_are_dropped_and_named(tiny_bert_dir, tmp_path, caplog):
+    def faults(grid, rnd):
+        if rnd == 2:  # node 1001 (client 1) starts failing: its app raises on every message
+            grid.contexts[1001].node_config[codec.NODE_PARTITION] = 10_000
+        if rnd == 3:  # node 1002 (client 2) disappears
+            grid.offline.add(1002)
+
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        exp, summary = flower_run(tiny_overrides(tiny_bert_dir, tmp_path / "f", federation__fraction=1.0,
+                                                 federation__rounds=3), num_nodes=4, on_round=faults)
+    rows = [json.loads(x) for x in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()[1:]]
+    assert [r["dropped_clients"] for r in rows] == [[], [1], [1, 2]]
+    assert "round 2: node 1001 (client 1) failed" in caplog.text
+    assert "round 3: client 2 dropped: its node 1002 is not connected" in caplog.text
+    assert (tmp_path / "f" / "summary.json").exists() and summary["final_accuracy"] >= 0
+
+
+def test_codec_round_trips_tasks_and_updates():
+    g = torch.Generator().manual_seed(0)
+    f = {"enc.layer.0.q": Factors(torch.randn(3, 5, generator=g), torch.randn(4, 3, generator=g))}
+    d = {"enc.layer.0.q": Factors(torch.randn(2, 5, generator=g), torch.randn(4, 2, generator=g))}
+    task = ClientTask(factors=f, scale=0.75, train_A=False, base_delta=d,
+                      head={"classifier.weight": torch.randn(3, 4, generator=g)},
+                      config={"fingerprint": "abc", "sketch_ratio": 0.5})
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    rnd, back = codec.decode_task(codec.encode_task(task, 7))
+    assert rnd == 7 and back.scale == 0.75 and back.train_A is False and back.config == task.config
+    for n in f:
+        assert torch.equal(back.factors[n].A, f[n].A) and torch.equal(back.base_delta[n].B, d[n].B)
+    assert torch.equal(back.head["classifier.weight"], task.head["classifier.weight"])
+    upd = ClientUpdate(factors={n: Factors(x.A, x.B + 1) for n, x in f.items()}, num_examples=9,
+                       head=task.head, metrics={"train_loss": 0.5}, fingerprint="abc", frozen_A=True)
+    enc = codec.encode_update(upd)
+    assert not any(k.endswith(".A") for k in enc.array_records[codec.ARRAYS].keys())  # A not sent
+    got = codec.decode_update(enc, task)
+    assert got.num_examples == 9 and got.fingerprint == "abc" and got.metrics == {"train_loss": 0.5}
+    assert torch.equal(got.factors["enc.layer.0.q"].A, f["enc.layer.0.q"].A)
+    assert torch.equal(got.factors["enc.layer.0.q"].B, f["enc.layer.0.q"].B + 1)
