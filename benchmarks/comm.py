@@ -1,0 +1,51 @@
+"""Bytes per client per round for every method at LLaMA-7B shapes, from real tensors.
+
+One transformer layer of LLaMA-7B (q, k, v, o: 4096×4096; gate, up: 11008×4096;
+down: 4096×11008) is built for real; the per-layer bytes are multiplied by the 32
+layers (building all 32 would only repeat the same tensors). Budgets: 4 clients at
+ranks {8, 16, 32, 64}, global rank 64, fp32 factors.
+
+    python benchmarks/comm.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fedlora.config import StrategyConfig
+from fedlora.strategies import STRATEGIES, build_strategy
+from fedlora.types import ClientSpec, ClientUpdate, payload_nbytes
+
+LAYER = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
+         "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a 512-wide layer instead of LLaMA-7B's")
+    args = ap.parse_args()
+    shapes = {k: (o // 8, i // 8) for k, (o, i) in LAYER.items()} if args.quick else LAYER
+    layers = 32
+    budgets = [8, 16, 32, 64]
+    specs = [ClientSpec(cid=i, budget=b, num_examples=100) for i, b in enumerate(budgets)]
+    print(f"{'method':>9} | " + " | ".join(f"r={b:<3} down / up (MB)" for b in budgets) + " | note")
+    for name in STRATEGIES:
+        s = build_strategy(StrategyConfig(name=name, global_rank=64), shapes, budgets, seed=0)
+        cells, note = [], ""
+        for rnd in (1, 2):  # round 2 shows what accumulates (FLoRA's merged delta)
+            tasks = s.configure(rnd, specs)
+            ups = {c: ClientUpdate(factors=t.factors, num_examples=100, frozen_A=not t.train_A)
+                   for c, t in tasks.items()}
+            if rnd == 2:
+                cells = [(payload_nbytes(tasks[c]) * layers / 1e6, payload_nbytes(ups[c]) * layers / 1e6)
+                         for c in range(len(budgets))]
+            s.aggregate(rnd, ups)
+        if name == "fullrank":
+            note = "ignores budgets"
+        if name == "flora":
+            note = "down = fresh LoRA + merged delta"
+        print(f"{name:>9} | " + " | ".join(f"{d:8.1f} / {u:7.1f}    " for d, u in cells) + f" | {note}")
+
+
+if __name__ == "__main__":
+    main()
