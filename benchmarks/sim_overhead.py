@@ -37,7 +37,8 @@ def main() -> None:
     args = ap.parse_args()
     over = ["federation.rounds=2", "output_dir=/tmp/fedlora-bench-overhead"]
     if args.quick:
-        over += ["data.num_clients=3", "data.max_examples=1200", "data.test_size=200", "train.local_steps=2", "federation.rounds=1"]
+        over += ["data.num_clients=3", "data.max_examples=1200", "data.test_size=200",
+                 "train.local_steps=2", "federation.rounds=1"]
     cfg = load_config(default_config_path(), over)
     exp = simulate.build_experiment(cfg)
     # the part that must dominate: the optimiser loop inside local_train (forward, backward, step)
