@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .types import Factors, LoRAState
+from .types import ClientUpdate, Factors, LoRAState
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
@@ -120,6 +120,12 @@ def example_weights(num_examples: Sequence[int]) -> list[float]:
     if total <= 0:
         raise ValueError("the round's clients hold no examples")
     return [n / total for n in num_examples]
+
+
+def round_weights(updates: Mapping[int, ClientUpdate]) -> tuple[list[int], list[float]]:
+    """The round's client ids in a fixed (sorted) order and their weights ``p_i``."""
+    cids = sorted(updates)
+    return cids, example_weights([updates[c].num_examples for c in cids])
 
 
 def clone(state: LoRAState) -> LoRAState:

@@ -30,8 +30,7 @@ class FactorAverage:
     def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
         if not updates:
             return {}
-        cids = sorted(updates)
-        weights = S.example_weights([updates[c].num_examples for c in cids])
+        cids, weights = S.round_weights(updates)
         self.factors = S.weighted_sum([updates[c].factors for c in cids], weights)
         return {}
 

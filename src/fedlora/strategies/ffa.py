@@ -33,8 +33,7 @@ class FFALoRA:
     def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
         if not updates:
             return {}
-        cids = sorted(updates)
-        weights = S.example_weights([updates[c].num_examples for c in cids])
+        cids, weights = S.round_weights(updates)
         padded = [S.pad_rank(updates[c].factors, self.rank) for c in cids]
         mean_B = S.weighted_sum(padded, weights)
         # A never moves: only B is taken from the clients

@@ -50,8 +50,7 @@ class FlexLoRA:
     def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
         if not updates:
             return {}
-        cids = sorted(updates)
-        p = S.example_weights([updates[c].num_examples for c in cids])
+        cids, p = S.round_weights(updates)
         weights = [w * self._scales[c] for w, c in zip(p, cids)]  # fold each client's scale in
         for name in self.shapes:
             B, A = stack([updates[c].factors[name] for c in cids], weights)

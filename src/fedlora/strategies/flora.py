@@ -44,8 +44,7 @@ class FLoRA:
     def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
         if not updates:
             return {}
-        cids = sorted(updates)
-        p = S.example_weights([updates[c].num_examples for c in cids])
+        cids, p = S.round_weights(updates)
         weights = [w * self._scales[c] for w, c in zip(p, cids)]
         for name, (m, n) in self.shapes.items():
             parts = ([self.delta[name]] if name in self.delta else []) + [updates[c].factors[name] for c in cids]

@@ -59,11 +59,10 @@ class FSLoRA:
     def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
         if not updates:
             return {}
-        cids = sorted(updates)
+        cids, weights = S.round_weights(updates)
         unknown = [c for c in cids if c not in self._sent]
         if unknown:
             raise ValueError(f"updates from clients that got no task this round: {unknown}")
-        weights = S.example_weights([updates[c].num_examples for c in cids])
         increments = [
             S.scatter(
                 S.subtract(updates[c].factors, S.take(self.factors, self._sent[c])),

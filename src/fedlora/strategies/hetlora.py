@@ -38,8 +38,7 @@ class HetLoRA:
     def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
         if not updates:
             return {}
-        cids = sorted(updates)
-        weights = S.example_weights([updates[c].num_examples for c in cids])
+        cids, weights = S.round_weights(updates)
         if self.norm_weighted:
             norms = [math.sqrt(sum(product_norm_sq(f.B, f.A) for f in updates[c].factors.values()))
                      for c in cids]
