@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedlora: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedlora: interrupted", file=sys.stderr)
+        print("fedlora: interrupted; finished rounds are checkpointed: run the same command "
+              "with --resume to continue", file=sys.stderr)
         return 130
 
 
