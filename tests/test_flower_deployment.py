@@ -78,7 +78,7 @@ def test_local_deployment_survives_a_killed_supernode(tiny_bert_dir, tmp_path):
                                tmp_path / f"node{i}.log", env))
         run_config = tmp_path / "run_config.toml"  # a file: no quoting rules to fight
         run_config.write_text(tomli_w.dumps({"overrides": shlex.join(overrides), "output-dir": str(out),
-                                             "min-nodes": 3, "round-timeout": 30.0}))
+                                             "min-nodes": 3, "round-timeout": 60.0}))
         runner = start([str(BIN / "flwr"), "run", str(APP), "local", "--run-config", str(run_config),
                         "--stream"], tmp_path / "run.log", env)
         procs.append(runner)
