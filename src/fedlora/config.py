@@ -38,10 +38,13 @@ class ModelConfig:
     # Classifier input: "cls" (the model's own sequence-classification head), "mean" (mean
     # of token states), or "auto" (mean for sentence-transformers checkpoints that pool so).
     pooling: str = "auto"
+    dtype: str = "float32"  # base weights: float32 | bfloat16 (slow on CPUs without bf16 units)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
 
     def validate(self) -> None:
         _choice("model.task", self.task, ("classification", "causal-lm"))
         _choice("model.pooling", self.pooling, ("auto", "cls", "mean"))
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         _check("model.targets", bool(self.targets), "must list at least one module name")
         _check("model.dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
         _check("model.max_length", self.max_length > 0, "must be positive")
@@ -62,6 +65,9 @@ class DataConfig:
     test_size: int = 600
     max_examples: int = 0  # 0 = use every row
     min_client_size: int = 8
+    # causal-lm only: the prompt for each row; {text} is the row's text, {labels} the label set.
+    # The answer is the row's label; evaluation picks among the labels by log-likelihood.
+    prompt_template: str = "{text}"
 
     def validate(self) -> None:
         _check("data.num_clients", self.num_clients > 0, "must be positive")

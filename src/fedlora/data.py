@@ -70,6 +70,9 @@ class FederatedData:
     clients: list[np.ndarray]  # row indices per client
     test: np.ndarray  # row indices of the global held-out set
     label_names: list[str]
+    # causal-lm: every test prompt followed by each label, num_labels rows per question
+    choices: Encoded | None = None
+    gold: Tensor | None = None  # (num_test,) index of the right label
 
     @property
     def num_labels(self) -> int:

@@ -25,11 +25,14 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale = 0.0
         out_f, in_f = base.weight.shape
-        self.lora_A = nn.Parameter(base.weight.new_zeros(0, in_f))  # (r, in)
-        self.lora_B = nn.Parameter(base.weight.new_zeros(out_f, 0))  # (out, r)
+        # LoRA weights stay float32 over a bf16/fp16 base (as PEFT does): small, and exact.
+        low = base.weight.dtype in (torch.bfloat16, torch.float16)
+        self.lora_dtype = torch.float32 if low else base.weight.dtype
+        self.lora_A = nn.Parameter(base.weight.new_zeros(0, in_f, dtype=self.lora_dtype))  # (r, in)
+        self.lora_B = nn.Parameter(base.weight.new_zeros(out_f, 0, dtype=self.lora_dtype))  # (out, r)
         # Frozen low-rank delta merged "into the base" by strategies such as FLoRA.
-        self.register_buffer("delta_A", base.weight.new_zeros(0, in_f), persistent=False)
-        self.register_buffer("delta_B", base.weight.new_zeros(out_f, 0), persistent=False)
+        self.register_buffer("delta_A", base.weight.new_zeros(0, in_f, dtype=self.lora_dtype), persistent=False)
+        self.register_buffer("delta_B", base.weight.new_zeros(out_f, 0, dtype=self.lora_dtype), persistent=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -40,26 +43,27 @@ class LoRALinear(nn.Module):
         """Load a pair of any rank (copied, so the caller's tensors are never trained)."""
         if f.shape != self.shape:
             raise ValueError(f"factors of shape {f.shape} do not fit a layer of shape {self.shape}")
-        dtype = self.base.weight.dtype
-        self.lora_A = nn.Parameter(f.A.detach().to(dtype).clone(), requires_grad=train_A)
-        self.lora_B = nn.Parameter(f.B.detach().to(dtype).clone())
+        self.lora_A = nn.Parameter(f.A.detach().to(self.lora_dtype).clone(), requires_grad=train_A)
+        self.lora_B = nn.Parameter(f.B.detach().to(self.lora_dtype).clone())
         self.scale = float(scale)
 
     def set_delta(self, f: Factors | None) -> None:
         out_f, in_f = self.shape
         w = self.base.weight
-        self.delta_A = w.new_zeros(0, in_f) if f is None else f.A.detach().to(w.dtype).clone()
-        self.delta_B = w.new_zeros(out_f, 0) if f is None else f.B.detach().to(w.dtype).clone()
+        dt = self.lora_dtype
+        self.delta_A = w.new_zeros(0, in_f, dtype=dt) if f is None else f.A.detach().to(dt).clone()
+        self.delta_B = w.new_zeros(out_f, 0, dtype=dt) if f is None else f.B.detach().to(dt).clone()
 
     def factors(self) -> Factors:
         return Factors(A=self.lora_A.detach().clone(), B=self.lora_B.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
+        xf = x.to(self.lora_dtype)
         if self.lora_A.shape[0] > 0:
-            y = y + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
+            y = y + ((self.dropout(xf) @ self.lora_A.T @ self.lora_B.T) * self.scale).to(y.dtype)
         if self.delta_A.shape[0] > 0:
-            y = y + x @ self.delta_A.T @ self.delta_B.T
+            y = y + (xf @ self.delta_A.T @ self.delta_B.T).to(y.dtype)
         return y
 
 

