@@ -77,13 +77,13 @@ def smollm2_checkpoint() -> Path:
     folder = package_file(module, "")
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, torch_dtype=torch.float32)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     except ImportError as e:
         raise ConfigError(f"model.name: loading GGUF needs `pip install gguf accelerate` ({e})") from None
     config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict(), strict=False)
     plain.tie_weights()
     tmp = out.with_name(out.name + ".tmp")
