@@ -58,6 +58,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .config import ModelConfig
+    from .plan import plan, profile_model, read_devices, write_budgets
+
+    devices = read_devices(Path(args.devices))
+    if args.global_rank <= 0 or args.batch <= 0 or args.seq <= 0:
+        raise ConfigError("--global-rank, --batch and --seq must be positive")
+    mc = ModelConfig(name=args.model, task=args.task, targets=_csv(args.targets), dtype=args.dtype)
+    mc.validate()
+    prof = profile_model(mc)
+    rows = plan(prof, devices, args.global_rank, args.batch, args.seq)
+    print(f"{args.model}: {prof.base_bytes / 2**30:.2f} GiB of base weights, {len(prof.shapes)} adapted layers, "
+          f"LoRA {sum(o + i for o, i in prof.shapes.values())} params per rank; batch {args.batch} x {args.seq}")
+    print(f"{'device':<16} {'rank':>5} {'k/r':>6} {'memory GiB':>11} {'upload s':>9}")
+    for r in rows:
+        rank = str(r["rank"]) if r["rank"] else "-"
+        print(f"{r['device']:<16} {rank:>5} {r['ratio']:6.3f} {r['memory_gb']:11.2f} {r['upload_s']:9.2f}")
+    if args.out:
+        write_budgets(rows, Path(args.out))
+        print(f"budgets written to {args.out} (use budgets.file = \"{args.out}\")")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedlora",
@@ -94,6 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="results directory (default: output_dir or runs/compare)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "plan", help="the largest LoRA rank each device can afford",
+        description="From the model's real parameter sizes (built on the meta device) and a "
+        "TOML list of devices ([[device]] name, memory_gb, upload_mbps, round_seconds), print "
+        "each device's largest feasible LoRA rank and sketching ratio k/r, and optionally write "
+        "a budgets file for budgets.file.",
+    )
+    p.add_argument("--devices", required=True, help="TOML file of [[device]] tables")
+    p.add_argument("--model", default="builtin:smollm2", help="model name or directory (default: %(default)s)")
+    p.add_argument("--task", default="causal-lm", choices=["causal-lm", "classification"])
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,up_proj,down_proj",
+                   help="adapted module names (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="base weights")
+    p.add_argument("--global-rank", type=int, default=64, help="the server's rank r (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="local batch size (default: %(default)s)")
+    p.add_argument("--seq", type=int, default=128, help="sequence length (default: %(default)s)")
+    p.add_argument("--out", default="", help="write the budgets file here")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
