@@ -31,6 +31,17 @@ def test_take_copies_so_training_the_block_never_touches_the_source():
     assert not torch.equal(st["a"].A[0], block["a"].A[0])
 
 
+def test_scatter_add_equals_weighted_sum_of_scattered_blocks():
+    target = rand_state(6, SHAPES, 2)
+    blocks = [(S.take(rand_state(6, SHAPES, 3 + s), idx), idx, w)
+              for s, (idx, w) in enumerate([(torch.tensor([1, 4]), 0.3), (torch.tensor([0, 1, 5]), 0.7)])]
+    ref = S.weighted_sum([target] + [S.scatter(b, idx, 6) for b, idx, _ in blocks], [1.0] + [w for *_, w in blocks])
+    for b, idx, w in blocks:
+        S.scatter_add_(target, b, idx, w)
+    for n in SHAPES:
+        assert torch.equal(target[n].A, ref[n].A) and torch.equal(target[n].B, ref[n].B)
+
+
 def test_pad_and_truncate_round_trip():
     st = rand_state(3, SHAPES, 1)
     padded = S.pad_rank(st, 7)

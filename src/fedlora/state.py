@@ -57,6 +57,15 @@ def scatter(block: LoRAState, index: Tensor, rank: int) -> LoRAState:
     return out
 
 
+def scatter_add_(target: LoRAState, block: LoRAState, index: Tensor, alpha: float = 1.0) -> None:
+    """In place ``target += alpha * scatter(block, index, rank)``, without the rank-``rank``
+    buffer: cost and memory scale with ``len(I)``, not with the target's rank."""
+    _check_same_modules(target, block)
+    for n, f in target.items():
+        f.A.index_add_(0, index, block[n].A.to(f.A.dtype), alpha=alpha)
+        f.B.index_add_(1, index, block[n].B.to(f.B.dtype), alpha=alpha)
+
+
 def pad_rank(state: LoRAState, rank: int) -> LoRAState:
     """Zero-pad every module's factors to ``rank`` (the leading block keeps its place)."""
     return scatter(state, torch.arange(next(iter(state.values())).rank), rank) if state else {}

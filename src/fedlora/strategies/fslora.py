@@ -18,7 +18,7 @@ from torch import Tensor
 from .. import state as S
 from ..server_opt import ServerOptimizer
 from ..sketch import sketch_indices
-from ..types import ClientSpec, ClientTask, ClientUpdate, LoRAState
+from ..types import ClientSpec, ClientTask, ClientUpdate, Factors, LoRAState
 
 
 class FSLoRA:
@@ -63,15 +63,13 @@ class FSLoRA:
         unknown = [c for c in cids if c not in self._sent]
         if unknown:
             raise ValueError(f"updates from clients that got no task this round: {unknown}")
-        increments = [
-            S.scatter(
-                S.subtract(updates[c].factors, S.take(self.factors, self._sent[c])),
-                self._sent[c],
-                self.rank,
-            )
-            for c in cids
-        ]
-        mean_delta = S.weighted_sum(increments, weights)
+        # sum_i p_i * scatter(increment_i), accumulated client by client: memory O(r (m + n))
+        # and work O(k_i (m + n)) per client, whatever the number of clients
+        mean_delta = {n: Factors(A=torch.zeros_like(f.A), B=torch.zeros_like(f.B))
+                      for n, f in self.factors.items()}
+        for c, w in zip(cids, weights):
+            idx = self._sent[c]
+            S.scatter_add_(mean_delta, S.subtract(updates[c].factors, S.take(self.factors, idx)), idx, w)
         self.optimizer.step_(self.factors, mean_delta)
         coverage = torch.zeros(self.rank, dtype=torch.bool)
         for c in cids:
