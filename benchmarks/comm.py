@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from common import print_summary, summary_row
+
 from fedlora.config import StrategyConfig
 from fedlora.strategies import STRATEGIES, build_strategy
 from fedlora.types import ClientSpec, ClientUpdate, payload_nbytes
@@ -28,7 +30,10 @@ def main() -> None:
     layers = 32
     budgets = [8, 16, 32, 64]
     specs = [ClientSpec(cid=i, budget=b, num_examples=100) for i, b in enumerate(budgets)]
+    print(f"{'one LLaMA-7B layer x 32' if not args.quick else 'a LLaMA-7B layer / 8, x 32'}, fp32, "
+          f"global rank 64, round 2; MB (1e6 B) per client")
     print(f"{'method':>9} | " + " | ".join(f"r={b:<3} down / up (MB)" for b in budgets) + " | note")
+    table = {}
     for name in STRATEGIES:
         s = build_strategy(StrategyConfig(name=name, global_rank=64), shapes, budgets, seed=0)
         cells, note = [], ""
@@ -43,8 +48,14 @@ def main() -> None:
         if name == "fullrank":
             note = "ignores budgets"
         if name == "flora":
-            note = "down = fresh LoRA + merged delta"
+            note = "down = fresh LoRA + merged delta (grows by sum r_i a round, up to rank min(m, n))"
+        table[name] = cells
         print(f"{name:>9} | " + " | ".join(f"{d:8.1f} / {u:7.1f}    " for d, u in cells) + f" | {note}")
+    fs, full = table["fslora"], table.get("fullrank", table["fslora"])
+    shapes_name = "LLaMA-7B shapes / 8" if args.quick else "LLaMA-7B shapes"
+    print_summary([summary_row("comm", f"FSLoRA upload at k=8 / full rank 64 ({shapes_name})",
+                               f"{fs[0][1]:.1f} / {full[0][1]:.1f} MB = {fs[0][1] / full[0][1]:.3f}x",
+                               "k/r = 0.125x", abs(fs[0][1] / full[0][1] - 8 / 64) < 1e-3)])
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import json
 import subprocess
 import sys
 
+from common import print_summary, summary_row
+
 CHILD = r"""
 import json, resource, sys, time, torch
 from fedlora.lowrank import dense_svd, factored_svd
@@ -44,12 +46,19 @@ def main() -> None:
              [(4096, 4096, 160), (4096, 4096, 1280), (11008, 4096, 160), (11008, 4096, 1280)])
     print(f"{'layer (m x n)':>14} {'R':>5} | {'dense s':>8} {'factored s':>10} {'speed-up':>8} | "
           f"{'dense +MB':>9} {'factored +MB':>12} {'memory':>7} | same σ₁")
+    rows = []
     for m, n, R in cases:
         d, f = run_case(m, n, R, "dense"), run_case(m, n, R, "factored")
+        if (m, n, R) == cases[0]:
+            rows.append(summary_row("flexlora_svd", f"factored vs dense SVD alone, {m}x{n} R={R} (time; extra memory)",
+                                    f"{d['seconds'] / f['seconds']:.0f}x; {d['extra_mb'] / max(f['extra_mb'], 1):.0f}x",
+                                    ">= 50x" if not args.quick else "(quick)",
+                                    d["seconds"] / f["seconds"] >= 50 if not args.quick else None))
         same = abs(d["top_sigma"] - f["top_sigma"]) <= 1e-3 * d["top_sigma"]
         print(f"{f'{m}x{n}':>14} {R:>5} | {d['seconds']:8.2f} {f['seconds']:10.3f} "
               f"{d['seconds'] / f['seconds']:7.0f}x | {d['extra_mb']:9.0f} {f['extra_mb']:12.0f} "
               f"{d['extra_mb'] / max(f['extra_mb'], 1):6.1f}x | {same}")
+    print_summary(rows)
 
 
 if __name__ == "__main__":
