@@ -66,3 +66,12 @@ def test_truncate_reproduces_the_product_at_a_given_scale(split):
     torch.testing.assert_close(0.25 * padded.B @ padded.A, B @ A, rtol=0, atol=1e-9)
     if split == "all-in-B":
         torch.testing.assert_close(f.A @ f.A.T, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_inputs_are_decomposed_in_at_least_float32(dtype):
+    B, A = rand(20, 15, 4, seed=3)
+    for svd in (factored_svd(B.to(dtype), A.to(dtype)), dense_svd(B.to(dtype), A.to(dtype))):
+        assert svd.S.dtype == torch.float32
+        ref = B.to(dtype).double() @ A.to(dtype).double()
+        torch.testing.assert_close(best_rank(svd, 4).double(), ref, rtol=0, atol=1e-4 * ref.norm().item())

@@ -48,16 +48,24 @@ class SVD:
         return Factors(A=A.contiguous(), B=B.contiguous())
 
 
+def _working(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """Both factors in one dtype LAPACK supports (half precisions are computed in float32)."""
+    dtype = torch.promote_types(torch.promote_types(B.dtype, A.dtype), torch.float32)
+    return B.to(dtype), A.to(dtype)
+
+
 def dense_svd(B: Tensor, A: Tensor) -> SVD:
     """Reference path: form ``B @ A`` and take its thin SVD."""
+    B, A = _working(B, A)
     U, S, Vh = torch.linalg.svd(B @ A, full_matrices=False)
     return SVD(U, S, Vh)
 
 
 def factored_svd(B: Tensor, A: Tensor) -> SVD:
     """SVD of ``B @ A`` from thin QRs of the factors and an ``R × R`` core SVD."""
-    Qb, Rb = torch.linalg.qr(B)  # (m, R), (R, R)
-    Qa, Ra = torch.linalg.qr(A.T)  # (n, R), (R, R)
+    B, A = _working(B, A)
+    Qb, Rb = torch.linalg.qr(B)  # (m, k), (k, R) with k = min(m, R)
+    Qa, Ra = torch.linalg.qr(A.T)  # (n, k'), (k', R) with k' = min(n, R)
     Uc, S, Vch = torch.linalg.svd(Rb @ Ra.T)
     return SVD(Qb @ Uc, S, (Qa @ Vch.T).T)
 

@@ -1,10 +1,11 @@
-"""FFA-LoRA: ``A`` frozen at its random init, only ``B`` trained and averaged
-(Sun et al., ICLR 2024, arXiv 2403.12313).
+"""FFA-LoRA: ``A`` frozen at its random init, only ``B`` trained and averaged (arXiv 2403.12313).
 
-With ``A`` fixed the average is exact: ``Σ p_i B_i A = (Σ p_i B_i) A``. Heterogeneous
-budgets use the leading rows of one frozen rank-``max r_i`` ``A`` (client ``i``
-trains ``B[:, :r_i]``), and zero-padding ``B_i`` keeps the average exact:
-``Σ p_i pad(B_i) A = Σ p_i B_i A[:r_i]``. Clients upload only ``B``.
+Sun et al., ICLR 2024. With ``A`` fixed the average is exact:
+``Σ p_i B_i A = (Σ p_i B_i) A``. Heterogeneous budgets use the leading rows of one
+frozen rank-``max r_i`` ``A`` (client ``i`` trains ``B[:, :r_i]``), and zero-padding ``B_i`` keeps the average exact:
+``Σ p_i pad(B_i) A = Σ p_i B_i A[:r_i]``. Clients upload only ``B``: the task sets
+``train_A=False``, the update sets ``ClientUpdate.frozen_A`` and ``types.tensors_of``
+then leaves ``A`` out of the payload (the receiver restores it from the task).
 """
 
 from __future__ import annotations

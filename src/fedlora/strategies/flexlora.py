@@ -1,8 +1,11 @@
-"""FlexLoRA: clients keep their own ranks; the server redistributes the best rank-r_i
-approximation of the averaged full update (arXiv 2402.11505, Bai et al.).
+"""FlexLoRA: per-client ranks, best rank-r_i fit of the averaged update (arXiv 2402.11505).
 
-The server never forms ``ΔW = Σ p_i s_i B_i A_i``: it decomposes the stacked factors
-(:mod:`fedlora.lowrank`) once per layer per round, and truncates once per distinct rank.
+Bai et al., NeurIPS 2024. Client ``i`` trains its own rank ``r_i`` (its budget) with
+its own scale ``s_i = lora_scale(alpha, r_i)``. The server forms
+``ΔW = Σ p_i s_i B_i A_i`` only implicitly: it decomposes the stacked factors
+(:mod:`fedlora.lowrank`) once per layer per round, keeps that SVD (enough to serve any
+rank, including clients sampled later), and truncates once per distinct rank.
+Nothing is merged into ``W0``; the global model is ``W0 + ΔW``.
 """
 
 from __future__ import annotations
@@ -23,14 +26,13 @@ class FlexLoRA:
         self.shapes = dict(shapes)
         self.alpha, self.rslora, self.seed, self.split = alpha, rslora, seed, sigma_split
         self.svd: dict[str, SVD] = {}  # the latest ΔW per module; empty before round 1
-        self._scales: dict[int, float] = {}
 
     def client_scale(self, rank: int) -> float:
         return S.lora_scale(self.alpha, rank, self.rslora)
 
     def factors_for_rank(self, rank: int) -> LoRAState:
         """What a rank-``rank`` client starts from: the truncated global update, or before
-        any aggregation a fresh LoRA (shared by all clients of that rank)."""
+        any aggregation a fresh seeded LoRA (shared by all clients of that rank)."""
         if not self.svd:
             return S.init_factors(self.shapes, rank, torch_generator(self.seed, "flexlora-init", rank))
         scale = self.client_scale(rank)
@@ -39,28 +41,31 @@ class FlexLoRA:
     def configure(self, rnd: int, clients: Sequence[ClientSpec]) -> dict[int, ClientTask]:
         by_rank: dict[int, LoRAState] = {}
         tasks: dict[int, ClientTask] = {}
-        self._scales = {}
         for c in clients:
-            if c.budget not in by_rank:  # one truncation per distinct rank
+            if c.budget not in by_rank:  # one truncation per distinct rank, not per client
                 by_rank[c.budget] = self.factors_for_rank(c.budget)
-            self._scales[c.cid] = self.client_scale(c.budget)
-            tasks[c.cid] = ClientTask(factors=S.clone(by_rank[c.budget]), scale=self._scales[c.cid])
+            tasks[c.cid] = ClientTask(factors=S.clone(by_rank[c.budget]), scale=self.client_scale(c.budget))
         return tasks
 
     def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
         if not updates:
             return {}
         cids, p = S.round_weights(updates)
-        weights = [w * self._scales[c] for w, c in zip(p, cids)]  # fold each client's scale in
+        stacked = 0
         for name in self.shapes:
-            B, A = stack([updates[c].factors[name] for c in cids], weights)
+            parts = [updates[c].factors[name] for c in cids]
+            # s_i follows from the rank the client trained (a structural fact of its upload),
+            # so aggregation needs no memory of the tasks and survives a resume mid-round.
+            weights = [w * self.client_scale(f.rank) for w, f in zip(p, parts)]
+            B, A = stack(parts, weights)
             self.svd[name] = svd_of_product(B, A)
-        return {"stacked_rank": float(B.shape[1])}
+            stacked = B.shape[1]
+        return {"stacked_rank": float(stacked)}
 
     def global_task(self) -> ClientTask:
-        """``W0 + ΔW`` as factors of the full stacked rank with scale 1."""
+        """``W0 + ΔW`` as factors of the full decomposed rank, ``Σ`` folded in, scale 1."""
         if not self.svd:
-            return ClientTask(factors=self.factors_for_rank(1), scale=0.0)
+            return ClientTask(factors=self.factors_for_rank(1), scale=0.0)  # ΔW = 0
         return ClientTask(factors={n: d.truncate(d.S.numel(), 1.0, "balanced")
                                    for n, d in self.svd.items()}, scale=1.0)
 
@@ -69,5 +74,3 @@ class FlexLoRA:
 
     def load_state_dict(self, sd: dict) -> None:
         self.svd = {n: SVD(U.clone(), S_.clone(), Vh.clone()) for n, (U, S_, Vh) in sd["svd"].items()}
-
-

@@ -1,11 +1,12 @@
-"""FLoRA: stacking-based aggregation with merges into the base (Wang et al., NeurIPS 2024,
-arXiv 2409.05976).
+"""FLoRA: exact stacking of heterogeneous-rank pairs, merged into the base (arXiv 2409.05976).
 
-Each round the server stacks the clients' pairs, ``[p_1 s_1 B_1, …] · [A_1; …]`` =
-``Σ p_i s_i B_i A_i`` exactly, and adds them to a frozen delta on top of ``W0`` that
-every task carries (``ClientTask.base_delta``). Every client starts every round from a
-fresh LoRA of its own rank. The delta's rank grows by ``Σ r_i`` a round; once it
-reaches ``min(m, n)`` it is re-factored exactly by SVD, so it never exceeds that.
+Wang et al., NeurIPS 2024. Each round the server stacks the clients' pairs,
+``[p_1 s_1 B_1, …] · [A_1; …]`` = ``Σ p_i s_i B_i A_i`` exactly, and adds them to a
+frozen delta on top of ``W0`` that every task carries (``ClientTask.base_delta``, scale
+folded into ``B``). Every client starts every round from a fresh LoRA of its own rank
+(``A`` seeded per (seed, round, client), ``B = 0``). The delta's rank grows by ``Σ r_i``
+a round; once it reaches ``min(m, n)`` it is re-factored exactly by SVD, so it never
+exceeds that.
 """
 
 from __future__ import annotations
@@ -28,14 +29,12 @@ class FLoRA:
         self.shapes = dict(shapes)
         self.alpha, self.rslora, self.seed = alpha, rslora, seed
         self.delta: LoRAState = {}  # cumulative merged update per module (scale folded in)
-        self._scales: dict[int, float] = {}
 
     def configure(self, rnd: int, clients: Sequence[ClientSpec]) -> dict[int, ClientTask]:
-        self._scales = {c.cid: S.lora_scale(self.alpha, c.budget, self.rslora) for c in clients}
         return {
             c.cid: ClientTask(
                 factors=S.init_factors(self.shapes, c.budget, torch_generator(self.seed, "flora", rnd, c.cid)),
-                scale=self._scales[c.cid],
+                scale=S.lora_scale(self.alpha, c.budget, self.rslora),
                 base_delta=S.clone(self.delta),
             )
             for c in clients
@@ -45,10 +44,12 @@ class FLoRA:
         if not updates:
             return {}
         cids, p = S.round_weights(updates)
-        weights = [w * self._scales[c] for w, c in zip(p, cids)]
         for name, (m, n) in self.shapes.items():
-            parts = ([self.delta[name]] if name in self.delta else []) + [updates[c].factors[name] for c in cids]
-            B, A = stack(parts, ([1.0] if name in self.delta else []) + weights)
+            new = [updates[c].factors[name] for c in cids]
+            # s_i follows from the rank the client trained: no memory of the tasks needed
+            weights = [w * S.lora_scale(self.alpha, f.rank, self.rslora) for w, f in zip(p, new)]
+            old = [self.delta[name]] if name in self.delta else []
+            B, A = stack(old + new, [1.0] * len(old) + weights)
             if B.shape[1] >= min(m, n):  # lossless re-factoring keeps the rank <= min(m, n)
                 d = svd_of_product(B, A)
                 f = d.truncate(d.S.numel(), 1.0, "balanced")

@@ -1,7 +1,8 @@
-"""Full-rank upper bound: FedAvg on factors with every client at the global rank.
+"""Upper bound that IGNORES BUDGETS: FedAvg on factors at the global rank (arXiv 1602.05629).
 
-It ignores the clients' budgets (no real device constraint is respected); it shows
-what heterogeneity costs. Same aggregation as FedIT (``fedit.FactorAverage``).
+Every client trains rank ``strategy.global_rank`` whatever its budget, so no real
+device constraint is respected; it shows what heterogeneity costs. Same aggregation as FedIT
+(``fedit.FactorAverage``), built with a different rank and name: composition, no subclass.
 """
 
 from __future__ import annotations

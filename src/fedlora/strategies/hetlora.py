@@ -1,12 +1,15 @@
-"""HetLoRA: zero-padding aggregation of heterogeneous ranks (Cho et al., 2024,
-arXiv 2401.06432).
+"""HetLoRA: zero-padding aggregation of heterogeneous ranks (arXiv 2401.06432).
 
-The global rank is the largest budget. Client ``i`` trains the leading block
-``B[:, :r_i]``, ``A[:r_i, :]``; the server zero-pads every client's factors to the
-global rank and averages them. All clients use the one global scale ``alpha / r``, so
+Cho et al., 2024. The global rank is the largest budget. Client ``i`` trains the
+leading block ``B[:, :r_i]``, ``A[:r_i, :]``; the server zero-pads every client's
+factors to the global rank and averages them. All clients use the one global scale ``alpha / r``, so
 a client's block means the same thing in its model and in the global one.
-With ``norm_weighted``, each client's weight is also multiplied by the Frobenius
-norm of its update ``s B_i A_i`` (the paper's sparsity-weighted aggregation).
+The aggregate replaces the global pair and is what the next round's tasks carry.
+With ``norm_weighted``, each client's weight ``p_i`` is multiplied by the Frobenius norm
+of its whole update ``||B_i A_i||_F`` (all modules together, one weight per client),
+then renormalised: the paper's sparsity-weighted aggregation, which lets clients whose
+update is small (e.g. after rank self-pruning) count less. Rank self-pruning itself is
+not implemented.
 """
 
 from __future__ import annotations
