@@ -58,6 +58,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study import load_study, run_study, write_report
+
+    study = load_study(args.study)
+    out = Path(args.out)
+    if not args.report_only:
+        run_study(study, out, progress=not args.quiet)
+    report = write_report(study, out, Path(args.report))
+    print(report.read_text())
+    print(f"report in {report}, runs in {out}")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from .config import ModelConfig
     from .plan import plan, profile_model, read_devices, write_budgets
@@ -117,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="results directory (default: output_dir or runs/compare)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "study", help="the accuracy study: every method, tasks x seeds, LR sweep, ablations",
+        description="Run a study file (tasks, methods, seeds, one learning-rate sweep for every "
+        "method, ablations), then generate a Markdown report with tables and plots from the run "
+        "directories. Finished runs are skipped, so running it again resumes.",
+    )
+    p.add_argument("study", nargs="?", default="configs/study/study.toml",
+                   help="study TOML file (default: %(default)s)")
+    p.add_argument("--out", default="runs/study", help="run directories (default: %(default)s)")
+    p.add_argument("--report", default="docs/results.md", help="Markdown report to write (default: %(default)s)")
+    p.add_argument("--report-only", action="store_true", help="only regenerate the report from finished runs")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser(
         "plan", help="the largest LoRA rank each device can afford",

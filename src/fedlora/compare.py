@@ -11,9 +11,13 @@ import csv
 import dataclasses
 import json
 import statistics
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
-from .config import ConfigError, RunConfig
+import tomllib
+
+from .config import ConfigError, RunConfig, to_toml
 from .strategies import STRATEGIES
 
 SUMMARY = "summary.json"
@@ -24,8 +28,12 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
 
 
 def compare(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path,
-            progress: bool = True) -> Path:
-    """Run what is missing, then write the report; return the path of results.md."""
+            progress: bool = True, lrs: Mapping[str, float] | None = None) -> Path:
+    """Run what is missing, then write the report; return the path of results.md.
+
+    ``lrs`` gives a method its own learning rate (e.g. from a sweep); the others use
+    ``cfg.train.lr``.
+    """
     from .simulate import run
 
     unknown = [m for m in methods if m not in STRATEGIES]
@@ -37,11 +45,17 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path,
     for seed in seeds:
         for method in methods:
             d = run_dir(out, method, seed)
-            if (d / SUMMARY).exists():
-                continue
-            one = dataclasses.replace(cfg, seed=seed, output_dir=str(d),
+            train = dataclasses.replace(cfg.train, lr=(lrs or {}).get(method, cfg.train.lr))
+            one = dataclasses.replace(cfg, seed=seed, output_dir=str(d), train=train,
                                       strategy=dataclasses.replace(cfg.strategy, name=method))
             one.validate()
+            if (d / SUMMARY).exists():
+                if (d / "config.toml").read_text() != to_toml(one):  # never mix two setups in one table
+                    raise ConfigError(f"{d} holds a finished run of a different configuration; "
+                                      "choose another --out, or delete that directory to rerun it")
+                continue
+            if progress:
+                print(f"compare: {method}, seed {seed} -> {d}", file=sys.stderr, flush=True)
             run(one, overwrite=True, progress=progress)
     return write_report(out, methods, seeds)
 
@@ -60,8 +74,10 @@ def write_report(out: Path, methods: list[str], seeds: list[int]) -> Path:
         runs = [load_metrics(run_dir(out, m, s)) for s in seeds]
         sums = [json.loads((run_dir(out, m, s) / SUMMARY).read_text()) for s in seeds]
         acc_mean, acc_std = _mean_std([s["final_accuracy"] for s in sums])
+        lr = tomllib.loads((run_dir(out, m, seeds[0]) / "config.toml").read_text())["train"]["lr"]
         rows.append({
             "method": m,
+            "lr": lr,
             "final_accuracy_mean": acc_mean,
             "final_accuracy_std": acc_std,
             "initial_accuracy": statistics.fmean(s["initial_accuracy"] for s in sums),
@@ -77,11 +93,11 @@ def write_report(out: Path, methods: list[str], seeds: list[int]) -> Path:
         f"Seeds: {', '.join(map(str, seeds))}. Accuracy on the global held-out set after the last "
         "round (mean ± std over seeds); traffic summed over all rounds and clients (mean over seeds).",
         "",
-        "| method | final accuracy | upload (MB) | download (MB) | wall time (s) |",
-        "|---|---|---|---|---|",
+        "| method | lr | final accuracy | upload (MB) | download (MB) | wall time (s) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['final_accuracy_mean']:.3f} ± {r['final_accuracy_std']:.3f} "
+        lines.append(f"| {r['method']} | {r['lr']:g} | {r['final_accuracy_mean']:.3f} ± {r['final_accuracy_std']:.3f} "
                      f"| {r['upload_MB']:.2f} | {r['download_MB']:.2f} | {r['wall_time_s']:.0f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot_curves(out, methods, seeds)

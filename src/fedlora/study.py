@@ -1,0 +1,410 @@
+"""``fedlora study``: which method gives the best global model for the same client cost?
+
+A study file (``configs/study/study.toml``) names the tasks (one run config each), the
+methods, the seeds, one learning-rate grid and the ablations. The study then
+
+1. sweeps the grid for every method on one task and a seed that is not reported
+   (its own client split and held-out sample), and picks each method's rate the same
+   way: best final accuracy, ties to the smaller rate;
+2. runs every method x seed on every task with those rates (``fedlora compare``);
+3. runs each ablation's variants (one method, every seed);
+4. writes the report (Markdown + plots) from the run directories alone.
+
+Every run is an ordinary ``fedlora run`` directory; finished ones are skipped, so the
+command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomllib
+
+from .compare import SUMMARY, compare, run_dir
+from .config import ConfigError, RunConfig, load_config
+from .strategies import STRATEGIES
+
+TIMING = "study_time.json"
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    overrides: list[str]
+
+
+@dataclass(frozen=True)
+class Ablation:
+    name: str
+    title: str
+    task: str
+    method: str
+    x_label: str
+    variants: list[Variant]
+
+
+@dataclass(frozen=True)
+class Study:
+    path: Path
+    tasks: dict[str, Path]  # task name -> run config
+    methods: list[str]
+    seeds: list[int]
+    sweep_task: str
+    sweep_seed: int
+    lrs: list[float]
+    ablations: list[Ablation]
+
+    def task_config(self, task: str, overrides: list[str] = ()) -> RunConfig:
+        return load_config(self.tasks[task], list(overrides))
+
+
+def _get(table: dict, key: str, kind: type, where: str):
+    if key not in table:
+        raise ConfigError(f"{where}: missing '{key}'")
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is list and not isinstance(value, list) or kind is not list and not isinstance(value, kind):
+        raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _only(table: dict, keys: set[str], where: str) -> None:
+    unknown = sorted(set(table) - keys)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (valid: {', '.join(sorted(keys))})")
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and check a study file; task configs are resolved relative to it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"study file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML ({e})") from None
+    _only(data, {"methods", "seeds", "task", "sweep", "ablation"}, p.name)
+    tasks: dict[str, Path] = {}
+    for i, t in enumerate(_get(data, "task", list, p.name)):
+        where = f"{p.name}: task[{i}]"
+        _only(t, {"name", "config"}, where)
+        cfg = p.parent / _get(t, "config", str, where)
+        if not cfg.is_file():
+            raise ConfigError(f"{where}: config file not found: {cfg}")
+        tasks[_get(t, "name", str, where)] = cfg
+    methods = [str(m) for m in _get(data, "methods", list, p.name)]
+    unknown = [m for m in methods if m not in STRATEGIES]
+    if unknown or not methods:
+        raise ConfigError(f"{p.name}: methods: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
+    seeds = _get(data, "seeds", list, p.name)
+    sweep = _get(data, "sweep", dict, p.name)
+    _only(sweep, {"task", "seed", "lrs"}, f"{p.name}: sweep")
+    ablations = []
+    for i, a in enumerate(data.get("ablation", [])):
+        where = f"{p.name}: ablation[{i}]"
+        _only(a, {"name", "title", "task", "method", "x_label", "variants"}, where)
+        variants = []
+        for v in _get(a, "variants", list, where):
+            _only(v, {"label", "set"}, f"{where}.variants")
+            variants.append(Variant(str(_get(v, "label", str, where)), list(_get(v, "set", list, where))))
+        ablations.append(Ablation(_get(a, "name", str, where), _get(a, "title", str, where),
+                                  _get(a, "task", str, where), _get(a, "method", str, where),
+                                  _get(a, "x_label", str, where), variants))
+    study = Study(p, tasks, methods, [int(s) for s in seeds], _get(sweep, "task", str, "sweep"),
+                  _get(sweep, "seed", int, "sweep"), [float(x) for x in _get(sweep, "lrs", list, "sweep")],
+                  ablations)
+    for task in [study.sweep_task, *(a.task for a in ablations)]:
+        if task not in tasks:
+            raise ConfigError(f"{p.name}: unknown task '{task}' (tasks: {', '.join(tasks)})")
+    if not study.seeds or not study.lrs or study.sweep_seed in study.seeds:
+        raise ConfigError(f"{p.name}: needs seeds, sweep.lrs, and a sweep.seed that is not reported")
+    for task in tasks:  # every config loads before hours of compute start
+        study.task_config(task)
+    for a in ablations:
+        for v in a.variants:
+            study.task_config(a.task, v.overrides)
+    return study
+
+
+# -- layout of the output directory ---------------------------------------------------
+
+def sweep_dir(out: Path, lr: float) -> Path:
+    return out / "sweep" / f"lr{lr:g}"
+
+
+def task_dir(out: Path, task: str) -> Path:
+    return out / "tasks" / task
+
+
+def variant_dir(out: Path, ablation: Ablation, variant: Variant) -> Path:
+    return out / "ablations" / ablation.name / variant.label
+
+
+def final_accuracy(d: Path) -> float:
+    return json.loads((d / SUMMARY).read_text())["final_accuracy"]
+
+
+def chosen_lrs(study: Study, out: Path) -> dict[str, float]:
+    """Each method's rate: best sweep accuracy, ties to the smaller rate."""
+    return {m: max(sorted(study.lrs), key=lambda lr: (final_accuracy(run_dir(sweep_dir(out, lr), m,
+                                                                              study.sweep_seed)), -lr))
+            for m in study.methods}
+
+
+def run_study(study: Study, out: Path, progress: bool = True) -> dict[str, float]:
+    """Run whatever is missing; return each method's chosen learning rate."""
+    start = time.perf_counter()
+    before = _finished_runs(out)
+    steps = len(study.lrs) + len(study.tasks) + sum(len(a.variants) for a in study.ablations)
+    step = 0
+
+    def announce(what: str) -> None:
+        nonlocal step
+        step += 1
+        if progress:
+            print(f"study [{step}/{steps}] {what}", file=sys.stderr, flush=True)
+
+    for lr in study.lrs:
+        announce(f"sweep lr={lr:g} on {study.sweep_task}, seed {study.sweep_seed}")
+        compare(study.task_config(study.sweep_task, [f"train.lr={lr}"]), study.methods,
+                [study.sweep_seed], sweep_dir(out, lr), progress=progress)
+    lrs = chosen_lrs(study, out)
+    for task in study.tasks:
+        announce(f"task {task}: {len(study.methods)} methods x {len(study.seeds)} seeds")
+        compare(study.task_config(task), study.methods, study.seeds, task_dir(out, task), progress, lrs=lrs)
+    for a in study.ablations:
+        for v in a.variants:
+            announce(f"ablation {a.name}: {v.label}")
+            cfg = study.task_config(a.task, v.overrides)
+            compare(cfg, [a.method], study.seeds, variant_dir(out, a, v), progress, lrs=lrs)
+    ran = _finished_runs(out) - before
+    if ran:  # the time of the invocation that did the work (a no-op rerun keeps it)
+        (out / TIMING).write_text(json.dumps({"elapsed_s": time.perf_counter() - start, "runs": ran}) + "\n")
+    return lrs
+
+
+def _finished_runs(out: Path) -> int:
+    return sum(1 for _ in out.rglob(SUMMARY)) if out.exists() else 0
+
+
+# -- the report -----------------------------------------------------------------------
+
+@dataclass
+class MethodResult:
+    method: str
+    lr: float
+    accs: list[float]  # one per seed, in study.seeds order
+    upload_mb: float  # per client per round, mean over seeds
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.accs)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.accs) if len(self.accs) > 1 else 0.0
+
+
+def task_results(study: Study, out: Path, task: str, lrs: dict[str, float]) -> list[MethodResult]:
+    rows = []
+    for m in study.methods:
+        dirs = [run_dir(task_dir(out, task), m, s) for s in study.seeds]
+        uploads = []
+        for d in dirs:
+            records = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+            sent = [r["bytes_up"] / r["clients"] for r in records if r.get("clients")]
+            uploads.append(statistics.fmean(sent) / 1e6 if sent else 0.0)
+        rows.append(MethodResult(m, lrs[m], [final_accuracy(d) for d in dirs], statistics.fmean(uploads)))
+    return rows
+
+
+TIE = 0.005  # mean paired differences smaller than this are called ties
+
+
+def verdict(ours: MethodResult, other: MethodResult) -> tuple[str, float, int]:
+    """Paired over seeds (same split and budgets): (word, mean difference, seeds won)."""
+    diffs = [a - b for a, b in zip(ours.accs, other.accs)]
+    mean, won = statistics.fmean(diffs), sum(d > 0 for d in diffs)
+    if abs(mean) < TIE:
+        word = "tie"
+    elif won == len(diffs):
+        word = "win"
+    elif won == 0:
+        word = "loss"
+    else:
+        word = "mixed (tie)"
+    return word, mean, won
+
+
+def _setup_rows(study: Study) -> list[tuple[str, ...]]:
+    cfgs = {t: study.task_config(t) for t in study.tasks}
+
+    def row(label, fn):
+        return (label, *(str(fn(c)) for c in cfgs.values()))
+
+    return [
+        ("", *cfgs),
+        row("model (LoRA targets)", lambda c: f"{c.model.name} ({', '.join(c.model.targets)} + head)"),
+        row("data", lambda c: c.data.name + (f" [{c.data.label_column}]" if c.data.label_column != "label" else "")),
+        row("clients / per round", lambda c: f"{c.data.num_clients} / {_per_round(c)}"),
+        row("split", lambda c: f"{c.data.partition}, alpha={c.data.alpha:g}"),
+        row("client budgets k_i", lambda c: f"{c.budgets.ranks} ({c.budgets.distribution})"),
+        row("global rank r, LoRA alpha", lambda c: f"{c.strategy.global_rank}, {c.strategy.alpha:g}"),
+        row("rounds x local steps x batch", lambda c: f"{c.federation.rounds} x {c.train.local_steps} x "
+                                                      f"{c.train.batch_size}"),
+        row("max tokens, held-out examples", lambda c: f"{c.model.max_length}, {c.data.test_size}"),
+    ]
+
+
+def _per_round(c: RunConfig) -> str:
+    return str(c.federation.clients_per_round) if c.federation.clients_per_round else f"{c.federation.fraction:.0%}"
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    head, *body = rows
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in body]
+
+
+def _plot_ablations(study: Study, out: Path, img: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for a in study.ablations:
+        accs = [[final_accuracy(run_dir(variant_dir(out, a, v), a.method, s)) for s in study.seeds]
+                for v in a.variants]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        xs = range(len(a.variants))
+        for s_i in range(len(study.seeds)):
+            ax.plot(xs, [acc[s_i] for acc in accs], "o", alpha=0.35, color="grey",
+                    label="one seed" if s_i == 0 else None)
+        ax.errorbar(xs, [statistics.fmean(x) for x in accs],
+                    yerr=[statistics.stdev(x) if len(x) > 1 else 0 for x in accs],
+                    marker="s", capsize=4, label="mean ± std")
+        ax.set_xticks(list(xs), [v.label for v in a.variants])
+        ax.set_xlabel(a.x_label)
+        ax.set_ylabel("final test accuracy")
+        ax.set_title(a.title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = f"ablation_{a.name}.png"
+        fig.savefig(img / name, dpi=120)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def write_report(study: Study, out: Path, report: Path) -> Path:
+    """``report`` (Markdown) and its plots under ``report.parent/img/study``, from ``out`` alone."""
+    lrs = chosen_lrs(study, out)
+    img = report.parent / "img" / "study"
+    img.mkdir(parents=True, exist_ok=True)
+    rel = img.relative_to(report.parent).as_posix()
+    timing = json.loads((out / TIMING).read_text()) if (out / TIMING).exists() else None
+    total_run_s = sum(json.loads(p.read_text())["wall_time_s"] for p in out.rglob(SUMMARY))
+    n_runs = _finished_runs(out)
+    lines = [
+        "# Accuracy study: heterogeneous-rank federated LoRA, every method on the same footing",
+        "",
+        "Generated by `fedlora study " + _display(study.path) + "` from its run directories; "
+        "do not edit by hand. Every number below is a final global test accuracy (held-out set "
+        "after the last round).",
+        "",
+        f"**Cost:** {n_runs} runs, {total_run_s / 60:.1f} min of run time"
+        + (f"; the invocation that ran them ({timing['runs']} runs) took "
+           f"{timing['elapsed_s'] / 60:.1f} min wall on this machine." if timing else "."),
+        "",
+        "## Setup (identical for every method)",
+        "",
+        *_table(_setup_rows(study)),
+        "",
+        f"Seeds {', '.join(map(str, study.seeds))}: the seed fixes the client split, the budgets' "
+        "assignment, the held-out sample, initialisation and batches, and is the same for every method. "
+        "Methods: `fslora` sketches a k_i-sized block of the global rank-r pair per client per round; "
+        "`flexlora` trains rank k_i and gets the SVD truncation of the averaged product; `hetlora` zero-pads "
+        "to the largest budget; `flora` stacks and merges into the base; `fedit` puts every client at the "
+        "smallest budget; `ffa` freezes A and trains B at rank k_i; `fullrank` ignores budgets (every "
+        "client at rank r): an upper bound, not a competitor.",
+        "",
+        "## Learning rates: one sweep, the same for every method",
+        "",
+        f"Every method ran with each rate on task `{study.sweep_task}` with seed {study.sweep_seed} "
+        "(not reported below: a different client split and held-out sample); each method keeps the "
+        "rate with its best final accuracy (ties: the smaller rate), and uses it on every task.",
+        "",
+    ]
+    grid = [("method", *(f"lr={lr:g}" for lr in study.lrs), "chosen")]
+    for m in study.methods:
+        cells = []
+        for lr in study.lrs:
+            acc = final_accuracy(run_dir(sweep_dir(out, lr), m, study.sweep_seed))
+            cells.append(f"**{acc:.3f}**" if lr == lrs[m] else f"{acc:.3f}")
+        grid.append((m, *cells, f"{lrs[m]:g}"))
+    lines += _table(grid)
+    verdicts: list[str] = []
+    for task in study.tasks:
+        results = task_results(study, out, task, lrs)
+        ours = next((r for r in results if r.method == "fslora"), None)
+        for png in ("accuracy_vs_round.png", "accuracy_vs_upload.png"):
+            shutil.copyfile(task_dir(out, task) / png, img / f"{task}_{png}")
+        rows = [("method", "lr", "accuracy mean ± std", *(f"seed {s}" for s in study.seeds),
+                 "upload MB / client / round", "FSLoRA − method (paired)")]
+        for r in sorted(results, key=lambda r: -r.mean):
+            cmp = ""
+            if ours is not None and r is not ours:
+                word, diff, won = verdict(ours, r)
+                cmp = f"{diff:+.3f} ({word}, {won}/{len(r.accs)} seeds)"
+                if r.method != "fullrank":
+                    verdicts.append(f"`{task}` vs `{r.method}`: **{word}** ({diff:+.3f}, FSLoRA ahead on "
+                                    f"{won} of {len(r.accs)} seeds)")
+            rows.append((r.method, f"{r.lr:g}", f"{r.mean:.3f} ± {r.std:.3f}", *(f"{a:.3f}" for a in r.accs),
+                         f"{r.upload_mb:.3g}", cmp))
+        lines += ["", f"## Task `{task}`", "", *_table(rows), "",
+                  f"![accuracy vs round]({rel}/{task}_accuracy_vs_round.png) "
+                  f"![accuracy vs upload]({rel}/{task}_accuracy_vs_upload.png)"]
+    if verdicts:
+        lines += ["", "## Where FSLoRA wins, ties or loses", "",
+                  f"Paired over the {len(study.seeds)} seeds (same split and budgets): a **win** or **loss** "
+                  f"means FSLoRA was ahead on every seed or behind on every seed with a mean gap of at least "
+                  f"{TIE}; anything else is a tie. The full-rank upper bound is left out (it breaks the budgets).",
+                  "", *(f"- {v}" for v in verdicts)]
+    if study.ablations:
+        names = _plot_ablations(study, out, img)
+        lines += ["", "## Ablations (FSLoRA)", ""]
+        for a, name in zip(study.ablations, names):
+            accs = [[final_accuracy(run_dir(variant_dir(out, a, v), a.method, s)) for s in study.seeds]
+                    for v in a.variants]
+            rows = [(a.x_label, "accuracy mean ± std", *(f"seed {s}" for s in study.seeds), "settings")]
+            for v, acc in zip(a.variants, accs):
+                sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+                rows.append((v.label, f"{statistics.fmean(acc):.3f} ± {sd:.3f}", *(f"{x:.3f}" for x in acc),
+                             "`" + " ".join(v.overrides) + "`"))
+            lines += [f"### {a.title} (task `{a.task}`)", "", *_table(rows), "", f"![{a.name}]({rel}/{name})", ""]
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(lines).rstrip() + "\n")
+    return report
+
+
+def _display(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def study_summary(study: Study, out: Path) -> dict:
+    """Machine-readable digest of the main tables (what the report's tables show)."""
+    lrs = chosen_lrs(study, out)
+    return {task: {r.method: dataclasses.asdict(r) for r in task_results(study, out, task, lrs)}
+            for task in study.tasks}

@@ -1,0 +1,142 @@
+"""`fedlora study` on a tiny configuration: sweep, tasks x seeds, ablations, report, resume."""
+
+import json
+import re
+
+import pytest
+
+from fedlora.cli import main
+from fedlora.compare import run_dir
+from fedlora.config import ConfigError
+from fedlora.study import chosen_lrs, load_study, sweep_dir, task_dir
+
+from .conftest import tiny_overrides
+
+STUDY = """
+methods = ["fslora", "flexlora", "fedit"]
+seeds = [0, 1]
+
+[[task]]
+name = "alpha"
+config = "tiny.toml"
+
+[[task]]
+name = "beta"
+config = "tiny_iid.toml"
+
+[sweep]
+task = "alpha"
+seed = 7
+lrs = [1e-2, 5e-2]
+
+[[ablation]]
+name = "ratio"
+title = "k of r = 8"
+task = "alpha"
+method = "fslora"
+x_label = "k"
+variants = [{ label = "2", set = ["budgets.ranks=[2]"] }, { label = "8", set = ["budgets.ranks=[8]"] }]
+"""
+
+
+def _toml(overrides: list[str]) -> str:
+    """key=value overrides as a TOML document (tables from dotted keys)."""
+    tables: dict[str, list[str]] = {}
+    top = []
+    for o in overrides:
+        key, value = o.split("=", 1)
+        if key == "output_dir":
+            continue
+        if "." in key:
+            t, k = key.split(".", 1)
+            tables.setdefault(t, []).append(f"{k} = {value}")
+        else:
+            top.append(f"{key} = {value}")
+    return "\n".join(top + [f"[{t}]\n" + "\n".join(v) for t, v in tables.items()]) + "\n"
+
+
+@pytest.fixture
+def tiny_study(tiny_bert_dir, tmp_path):
+    base = tiny_overrides(tiny_bert_dir, tmp_path / "unused", federation__rounds=2, federation__eval_every=1)
+    (tmp_path / "tiny.toml").write_text(_toml(base))
+    (tmp_path / "tiny_iid.toml").write_text(_toml(base + ['data.partition="iid"']))
+    (tmp_path / "study.toml").write_text(STUDY)
+    return tmp_path / "study.toml"
+
+
+def test_study_runs_everything_and_writes_a_well_formed_report(tiny_study, tmp_path, capsys):
+    out, report = tmp_path / "runs", tmp_path / "docs" / "results.md"
+    args = ["study", str(tiny_study), "--out", str(out), "--report", str(report), "--quiet"]
+    assert main(args) == 0
+    study = load_study(tiny_study)
+    md = report.read_text()
+
+    # the sweep's choice is the best sweep accuracy of each method, and the tasks use it
+    lrs = chosen_lrs(study, out)
+    for m in study.methods:
+        accs = {lr: json.loads((run_dir(sweep_dir(out, lr), m, 7) / "summary.json").read_text())["final_accuracy"]
+                for lr in study.lrs}
+        assert accs[lrs[m]] == max(accs.values())
+        for task in study.tasks:
+            for seed in study.seeds:
+                cfg = (run_dir(task_dir(out, task), m, seed) / "config.toml").read_text()
+                assert re.search(rf"^lr = {lrs[m]}$", cfg, re.M), (m, task, seed)
+
+    # one table row per method and task, with every seed's accuracy equal to its summary
+    for task in study.tasks:
+        section = md.split(f"## Task `{task}`")[1].split("\n## ")[0]
+        for m in study.methods:
+            row = next(line for line in section.splitlines() if line.startswith(f"| {m} | {lrs[m]:g} |"))
+            for seed in study.seeds:
+                acc = json.loads((run_dir(task_dir(out, task), m, seed) / "summary.json").read_text())
+                assert f"{acc['final_accuracy']:.3f}" in row
+    assert "## Where FSLoRA wins, ties or loses" in md
+    assert md.count("`alpha` vs `") == 2 and md.count("`beta` vs `") == 2
+    assert "### k of r = 8" in md and "`budgets.ranks=[2]`" in md
+    for png in ["alpha_accuracy_vs_round.png", "beta_accuracy_vs_upload.png", "ablation_ratio.png"]:
+        path = report.parent / "img" / "study" / png
+        assert path.stat().st_size > 1000 and f"img/study/{png}" in md
+    assert "**Cost:** 22 runs" in md  # sweep 2x3 + tasks 2x3x2 + ablation 2x2
+    capsys.readouterr()
+
+    # resume: nothing reruns, the report regenerates identically
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.jsonl")}
+    assert main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("metrics.jsonl")} == stamps
+    assert report.read_text() == md
+
+
+def test_runs_are_deterministic_per_seed(tiny_study, tmp_path):
+    study = load_study(tiny_study)
+    from fedlora.compare import compare
+
+    for out in (tmp_path / "a", tmp_path / "b"):
+        compare(study.task_config("alpha"), ["fslora"], [1], out, progress=False)
+    metrics = [(tmp_path / d / "fslora-seed1" / "metrics.jsonl").read_text() for d in "ab"]
+    strip = [re.sub(r'"wall_time_s": [0-9.e-]+', "", m) for m in metrics]
+    assert strip[0] == strip[1]
+
+
+def test_a_finished_run_of_another_setup_is_not_mixed_in(tiny_study, tmp_path, capsys):
+    study = load_study(tiny_study)
+    from fedlora.compare import compare
+
+    out = tmp_path / "c"
+    compare(study.task_config("alpha"), ["fedit"], [0], out, progress=False)
+    with pytest.raises(ConfigError, match="different configuration"):
+        compare(study.task_config("alpha", ["train.lr=0.5"]), ["fedit"], [0], out, progress=False)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (('seed = 7', 'seed = 1'), "sweep.seed that is not reported"),
+    (('"fedit"]', '"nope"]'), "unknown ['nope']"),
+    (('config = "tiny.toml"', 'config = "missing.toml"'), "config file not found"),
+    (('task = "alpha"\nseed', 'task = "gamma"\nseed'), "unknown task 'gamma'"),
+    (('x_label = "k"', 'x_label = "k"\ncolour = 1'), "unknown key 'colour'"),
+    (('budgets.ranks=[2]', 'budgets.nope=[2]'), "unknown config key 'budgets.nope'"),
+])
+def test_bad_study_files_exit_2_with_one_line(tiny_study, tmp_path, capsys, edit, message):
+    tiny_study.write_text(tiny_study.read_text().replace(*edit))
+    assert main(["study", str(tiny_study), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
