@@ -16,7 +16,7 @@ from fedlora.flower import client_app, codec  # noqa: E402
 from fedlora.flower.inprocess import InProcessGrid  # noqa: E402
 from fedlora.flower.server_app import GridRounds  # noqa: E402
 from fedlora.simulate import build_experiment, run  # noqa: E402
-from fedlora.types import ClientTask, ClientUpdate, Factors  # noqa: E402
+from fedlora.types import ClientTask, ClientUpdate, Factors, tensors_of  # noqa: E402
 
 from .conftest import tiny_overrides  # noqa: E402
 
@@ -31,7 +31,7 @@ def flower_run(overrides, num_nodes, budgets=None, on_round=None):
 
     def round_fn(exp, rnd):
         if on_round:
-            on_round(grid, rnd)
+            on_round(grid, rnd, exp)
         return rounds(exp, rnd)
 
     exp = build_experiment(cfg)
@@ -66,20 +66,42 @@ def test_node_budgets_come_from_node_config(tiny_bert_dir, tmp_path):
 
 
 def test_failing_and_vanished_nodes_are_dropped_and_named(tiny_bert_dir, tmp_path, caplog):
-    def faults(grid, rnd):
+    def faults(grid, rnd, exp):
         if rnd == 2:  # node 1001 (client 1) starts failing: its app raises on every message
             grid.contexts[1001].node_config[codec.NODE_PARTITION] = 10_000
-        if rnd == 3:  # node 1002 (client 2) disappears
-            grid.offline.add(1002)
+        if rnd == 3:  # node 1002 (client 2) disappears; the SuperLink reports node 1003 (client 3)
+            grid.offline.add(1002)  # unavailable (an error sent by node 1, not by 1003);
+            grid.unreachable.add(1003)  # node 1004 (client 4) takes the task and never answers
+            grid.silent.add(1004)
 
     with caplog.at_level(logging.WARNING, logger="fedlora"):
         exp, summary = flower_run(tiny_overrides(tiny_bert_dir, tmp_path / "f", federation__fraction=1.0,
-                                                 federation__rounds=3), num_nodes=4, on_round=faults)
+                                                 federation__rounds=3, data__num_clients=6), num_nodes=6,
+                                  on_round=faults)
     rows = [json.loads(x) for x in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()[1:]]
-    assert [r["dropped_clients"] for r in rows] == [[], [1], [1, 2]]
-    assert "round 2: node 1001 (client 1) failed" in caplog.text
+    assert [r["dropped_clients"] for r in rows] == [[], [1], [1, 2, 3, 4]]
+    assert "round 2: node 1001 (client 1) dropped: ValueError" in caplog.text
     assert "round 3: client 2 dropped: its node 1002 is not connected" in caplog.text
+    assert "round 3: node 1003 (client 3) dropped: Node Unavailable" in caplog.text
+    assert "round 3: node 1004 (client 4) dropped: no reply within 30 s" in caplog.text
+    assert "node 1 " not in caplog.text  # the SuperLink's error is pinned on the node it is about
+    assert rows[2]["clients"] == 5 and rows[2]["dropped"] == 3  # clients 0 and 5 aggregated
     assert (tmp_path / "f" / "summary.json").exists() and summary["final_accuracy"] >= 0
+
+
+def test_too_few_replies_skip_the_round_without_changing_the_global_state(tiny_bert_dir, tmp_path):
+    states = {}
+
+    def faults(grid, rnd, exp):
+        states[rnd] = {k: v.clone() for k, v in tensors_of(exp.server.global_task()).items()}
+        grid.unreachable = {1001, 1002, 1003} if rnd == 2 else set()  # round 2: 1 reply < min_clients=2
+
+    flower_run(tiny_overrides(tiny_bert_dir, tmp_path / "s", federation__fraction=1.0, federation__rounds=3,
+                              reliability__min_clients=2), num_nodes=4, on_round=faults)
+    rows = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[1:]]
+    assert [r.get("skipped", 0) for r in rows] == [0, 1, 0]
+    assert all(torch.equal(states[3][k], states[2][k]) for k in states[2])
+    assert not all(torch.equal(states[2][k], states[1][k]) for k in states[1])
 
 
 def test_codec_round_trips_tasks_and_updates():

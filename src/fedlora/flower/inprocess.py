@@ -11,10 +11,11 @@ from collections.abc import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-FIRST_NODE_ID = 1000  # node id 1 is the SuperLink's own
+FIRST_NODE_ID = 1000  # node id 1 (SUPERLINK_NODE_ID) is the SuperLink's own
 
 
 class InProcessGrid(Grid):
@@ -26,7 +27,12 @@ class InProcessGrid(Grid):
                                        state=RecordDict(), run_config=run_config)
             for i, nc in enumerate(node_configs)
         }
-        self.offline: set[int] = set()  # nodes that stopped answering (fault injection)
+        # fault injection: `offline` nodes are no longer listed; `silent` ones take messages
+        # and never answer; messages to `unreachable` ones come back as the SuperLink's
+        # "node unavailable" error (what a SuperLink sends once a node stops heartbeating)
+        self.offline: set[int] = set()
+        self.silent: set[int] = set()
+        self.unreachable: set[int] = set()
         self._replies: dict[str, Message] = {}
         self._ids = itertools.count()
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 1
@@ -50,13 +56,20 @@ class InProcessGrid(Grid):
             node = msg.metadata.dst_node_id
             if node in self.offline:
                 continue
-            key = str(next(self._ids))
+            key = msg.metadata.__dict__["_message_id"] = str(next(self._ids))  # as Flower's grids do
+            ids.append(key)
+            if node in self.silent:
+                continue
+            if node in self.unreachable:
+                reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # sent by the SuperLink
+                self._replies[key] = reply
+                continue
             try:
                 self._replies[key] = self.client_app(msg, self.contexts[node])
             except Exception as e:  # as a SuperNode does: the failure becomes an error reply
                 self._replies[key] = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"),
                                              reply_to=msg)
-            ids.append(key)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

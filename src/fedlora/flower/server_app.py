@@ -37,17 +37,35 @@ class GridRounds:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"fewer than {self.min_nodes} nodes connected in {self.wait_timeout} s")
             time.sleep(0.5)
-        msgs = [Message(RecordDict(), dst_node_id=n, message_type=codec.QUERY)
-                for n in self.grid.get_node_ids()]
-        for reply in self.grid.send_and_receive(msgs, timeout=self.round_timeout):
-            if reply.has_error():
-                log.warning("node %s failed to register: %s", reply.metadata.src_node_id, reply.error)
-                continue
+        msgs = {n: Message(RecordDict(), dst_node_id=n, message_type=codec.QUERY) for n in self.grid.get_node_ids()}
+        replies, failed = self._send(msgs)
+        for node, reason in failed.items():
+            log.warning("node %s failed to register: %s", node, reason)
+        for reply in replies.values():
             cid, budget, n = codec.decode_profile(reply.content)
             self.node_of[cid] = reply.metadata.src_node_id
             exp.server.budgets[cid] = budget
             exp.server.num_examples[cid] = n
         log.info("registered clients %s", {c: exp.server.budgets[c] for c in sorted(self.node_of)})
+
+    def _send(self, msgs: dict[int, Message]) -> tuple[dict[int, Message], dict[int, str]]:
+        """Send, wait up to the round timeout; (replies, failure reasons), keyed like ``msgs``.
+
+        Replies are matched to the message they answer, not to their sender: when a node
+        stops heartbeating, the "node unavailable" error comes from the SuperLink (node 1).
+        """
+        replies = self.grid.send_and_receive(list(msgs.values()), timeout=self.round_timeout)
+        key_of = {m.metadata.message_id: k for k, m in msgs.items()}  # ids are set by the push
+        ok, failed = {}, {}
+        for reply in replies:
+            k = key_of.get(reply.metadata.reply_to_message_id)
+            if k is not None and reply.has_error():
+                failed[k] = reply.error.reason
+            elif k is not None:
+                ok[k] = reply
+        for k in msgs.keys() - ok.keys() - failed.keys():
+            failed[k] = f"no reply within {self.round_timeout:.0f} s"
+        return ok, failed
 
     def __call__(self, exp: Experiment, rnd: int) -> dict:
         if not self.node_of:
@@ -60,24 +78,14 @@ class GridRounds:
             log.warning("round %d: client %d dropped: its node %s is not connected", rnd, c,
                         self.node_of.get(c, "(never registered)"))
         tasks = exp.server.configure(rnd, cids)
-        msgs = [Message(codec.encode_task(t, rnd), dst_node_id=self.node_of[c], message_type=codec.TRAIN)
-                for c, t in tasks.items()]
-        cid_of = {n: c for c, n in self.node_of.items()}
-        pairs = []
-        for reply in self.grid.send_and_receive(msgs, timeout=self.round_timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("round %d: node %s (client %s) failed: %s", rnd, node, cid_of.get(node),
-                            reply.error.reason)
-                continue
-            cid = cid_of.get(node, -1)
-            pairs.append((cid, codec.decode_update(reply.content, tasks[cid]) if cid in tasks else None))
-        answered = {c for c, _ in pairs}
-        for c in sorted(set(tasks) - answered):
-            log.warning("round %d: node %s (client %d) dropped: no reply within %.0f s",
-                        rnd, self.node_of[c], c, self.round_timeout)
-        metrics = exp.server.aggregate(rnd, tasks, [(c, u) for c, u in pairs if u is not None])
-        metrics["dropped_clients"] = sorted(set(sampled) - answered)
+        msgs = {c: Message(codec.encode_task(t, rnd), dst_node_id=self.node_of[c], message_type=codec.TRAIN)
+                for c, t in tasks.items()}
+        replies, failed = self._send(msgs)
+        for c, reason in sorted(failed.items()):
+            log.warning("round %d: node %s (client %d) dropped: %s", rnd, self.node_of[c], c, reason)
+        updates = [(c, codec.decode_update(r.content, tasks[c])) for c, r in sorted(replies.items())]
+        metrics = exp.server.aggregate(rnd, tasks, updates)
+        metrics["dropped_clients"] = sorted(set(sampled) - set(replies))
         return metrics
 
 
