@@ -1,20 +1,25 @@
-"""A real local deployment: SuperLink + 3 SuperNodes as separate processes on 127.0.0.1,
-the fedlora Flower app submitted with `flwr run`; one SuperNode is killed mid-run
-(issue 4 acceptance 2 and 3). Bounded in time; every process is stopped at the end."""
+"""`flwr run` for real: a local deployment (SuperLink + 3 SuperNodes as separate processes on
+127.0.0.1; one SuperNode is killed mid-run; issue 4 acceptance 2 and 3) and the simulation
+engine (the example app's config works there too and gives the simulator's adapter).
+Bounded in time; every process is stopped at the end."""
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import tomli_w
+import torch
 from safetensors.torch import load_file
 
 pytest.importorskip("flwr")
@@ -53,8 +58,15 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.skipif(shutil.which("flower-superlink", path=str(BIN)) is None, reason="flwr CLI not installed")
-def test_local_deployment_survives_a_killed_supernode(tiny_bert_dir, tmp_path):
+needs_flwr_cli = pytest.mark.skipif(shutil.which("flower-superlink", path=str(BIN)) is None,
+                                    reason="flwr CLI not installed")
+
+
+@contextmanager
+def superlink(tmp_path: Path, *flags: str):
+    """A SuperLink on a free loopback port that uses this environment (no `uv sync`), and a
+    FLWR_HOME whose default connection points at it. Yields (env, port, procs): every
+    process appended to ``procs`` is killed, with its process group, on exit."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "FLWR_HOME": str(tmp_path / "flwr-home")}
     link_port = free_port()
@@ -62,15 +74,24 @@ def test_local_deployment_survives_a_killed_supernode(tiny_bert_dir, tmp_path):
     (tmp_path / "flwr-home" / "config.toml").write_text(
         f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link_port}"\n'
         "insecure = true\n")
-    out = tmp_path / "out"
-    overrides = tiny_overrides(tiny_bert_dir, out, data__num_clients=3, federation__fraction=1.0,
-                               federation__rounds=3, federation__eval_every=1)
     procs = []
     try:
         procs.append(start([str(BIN / "flower-superlink"), "--insecure", "--isolation", "subprocess",
                             "--disable-runtime-dependency-installation", "--port", str(link_port),
-                            "--database", str(tmp_path / "state.db")], tmp_path / "superlink.log", env))
+                            "--database", str(tmp_path / "state.db"), *flags], tmp_path / "superlink.log", env))
         wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", link_port)) == 0, 60, "the SuperLink")
+        yield env, link_port, procs
+    finally:
+        for p in reversed(procs):
+            stop(p)
+
+
+@needs_flwr_cli
+def test_local_deployment_survives_a_killed_supernode(tiny_bert_dir, tmp_path):
+    out = tmp_path / "out"
+    overrides = tiny_overrides(tiny_bert_dir, out, data__num_clients=3, federation__fraction=1.0,
+                               federation__rounds=3, federation__eval_every=1)
+    with superlink(tmp_path) as (env, link_port, procs):
         for i, budget in enumerate([2, 4, 8]):
             procs.append(start([str(BIN / "flower-supernode"), "--insecure", "--superlink",
                                 f"127.0.0.1:{link_port}", "--isolation", "subprocess", "--port", str(free_port()),
@@ -93,13 +114,38 @@ def test_local_deployment_survives_a_killed_supernode(tiny_bert_dir, tmp_path):
         wait_for(lambda: rounds_done() >= 1, 240, "round 1")
         stop(procs[3])
         wait_for(lambda: (out / "summary.json").exists() or rounds_done() < 0, 300, "the end of the run")
-    finally:
-        for p in reversed(procs):
-            stop(p)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[1]["dropped_clients"] == [] and all(r["dropped_clients"] == [2] for r in rows[2:])
     log = (tmp_path / "run.log").read_text()
-    assert "client 2" in log and "dropped" in log, log[-2000:]
+    named = re.findall(r"round 2: node (\d+) \(client 2\) dropped", log)
+    assert named and named[0] != "1", log[-2000:]  # the killed node, not the SuperLink reporting it
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
+
+
+@needs_flwr_cli
+def test_flwr_run_on_the_simulation_engine_gives_the_simulators_adapter(tiny_bert_dir, tmp_path):
+    from fedlora.cli import default_config_path
+    from fedlora.config import load_config
+    from fedlora.simulate import run
+
+    kw = dict(data__num_clients=3, federation__fraction=1.0, federation__rounds=2)
+    run(load_config(default_config_path(), tiny_overrides(tiny_bert_dir, tmp_path / "sim", **kw)), progress=False)
+    out = tmp_path / "flower"
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    with superlink(tmp_path, "--simulation") as (env, _, procs):
+        run_config = tmp_path / "run_config.toml"  # no budget in node-config: the config's draw
+        run_config.write_text(tomli_w.dumps({"overrides": shlex.join(tiny_overrides(tiny_bert_dir, out, **kw)),
+                                             "output-dir": str(out), "min-nodes": 3, "round-timeout": 60.0}))
+        procs.append(start([str(BIN / "flwr"), "run", str(APP), "local", "--run-config", str(run_config),
+                            "--federation-config", "num-supernodes=3", "--stream"], tmp_path / "run.log",
+                           {**env, "RAY_TMPDIR": ray_tmp}))
+        try:
+            procs[-1].wait(timeout=240)
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert (out / "summary.json").exists(), (tmp_path / "run.log").read_text()[-3000:]
+    a = load_file(str(tmp_path / "sim" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
