@@ -126,6 +126,7 @@ def test_local_deployment_survives_a_killed_supernode(tiny_bert_dir, tmp_path):
 
 @needs_flwr_cli
 def test_flwr_run_on_the_simulation_engine_gives_the_simulators_adapter(tiny_bert_dir, tmp_path):
+    pytest.importorskip("ray", reason="the simulation engine needs flwr[simulation] (pip install fedlora[flower])")
     from fedlora.cli import default_config_path
     from fedlora.config import load_config
     from fedlora.simulate import run

@@ -15,9 +15,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-import tomllib
-
-from .config import ConfigError, RunConfig, to_toml
+from .config import ConfigError, RunConfig, read_toml, to_toml
 from .strategies import STRATEGIES
 
 SUMMARY = "summary.json"
@@ -74,7 +72,7 @@ def write_report(out: Path, methods: list[str], seeds: list[int]) -> Path:
         runs = [load_metrics(run_dir(out, m, s)) for s in seeds]
         sums = [json.loads((run_dir(out, m, s) / SUMMARY).read_text()) for s in seeds]
         acc_mean, acc_std = _mean_std([s["final_accuracy"] for s in sums])
-        lr = tomllib.loads((run_dir(out, m, seeds[0]) / "config.toml").read_text())["train"]["lr"]
+        lr = read_toml(run_dir(out, m, seeds[0]) / "config.toml")["train"]["lr"]
         rows.append({
             "method": m,
             "lr": lr,

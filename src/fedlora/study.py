@@ -25,10 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomllib
-
 from .compare import SUMMARY, compare, run_dir
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, load_config, read_toml
 from .strategies import STRATEGIES
 
 TIMING = "study_time.json"
@@ -56,7 +54,7 @@ class Study:
     tasks: dict[str, Path]  # task name -> run config
     methods: list[str]
     seeds: list[int]
-    sweep_task: str
+    sweep_task: str | None  # None: no sweep, every method keeps each task's configured rate
     sweep_seed: int
     lrs: list[float]
     ablations: list[Ablation]
@@ -85,12 +83,7 @@ def _only(table: dict, keys: set[str], where: str) -> None:
 def load_study(path: str | Path) -> Study:
     """Read and check a study file; task configs are resolved relative to it."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"study file not found: {p}")
-    try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML ({e})") from None
+    data = read_toml(p, "study")
     _only(data, {"methods", "seeds", "task", "sweep", "ablation"}, p.name)
     tasks: dict[str, Path] = {}
     for i, t in enumerate(_get(data, "task", list, p.name)):
@@ -105,8 +98,9 @@ def load_study(path: str | Path) -> Study:
     if unknown or not methods:
         raise ConfigError(f"{p.name}: methods: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
     seeds = _get(data, "seeds", list, p.name)
-    sweep = _get(data, "sweep", dict, p.name)
-    _only(sweep, {"task", "seed", "lrs"}, f"{p.name}: sweep")
+    sweep = data.get("sweep")
+    if sweep is not None:
+        _only(_get(data, "sweep", dict, p.name), {"task", "seed", "lrs"}, f"{p.name}: sweep")
     ablations = []
     for i, a in enumerate(data.get("ablation", [])):
         where = f"{p.name}: ablation[{i}]"
@@ -118,14 +112,19 @@ def load_study(path: str | Path) -> Study:
         ablations.append(Ablation(_get(a, "name", str, where), _get(a, "title", str, where),
                                   _get(a, "task", str, where), _get(a, "method", str, where),
                                   _get(a, "x_label", str, where), variants))
-    study = Study(p, tasks, methods, [int(s) for s in seeds], _get(sweep, "task", str, "sweep"),
-                  _get(sweep, "seed", int, "sweep"), [float(x) for x in _get(sweep, "lrs", list, "sweep")],
-                  ablations)
-    for task in [study.sweep_task, *(a.task for a in ablations)]:
+    if sweep is None:
+        study = Study(p, tasks, methods, [int(s) for s in seeds], None, -1, [], ablations)
+    else:
+        study = Study(p, tasks, methods, [int(s) for s in seeds], _get(sweep, "task", str, "sweep"),
+                      _get(sweep, "seed", int, "sweep"),
+                      [float(x) for x in _get(sweep, "lrs", list, "sweep")], ablations)
+        if not study.lrs or study.sweep_seed in study.seeds:
+            raise ConfigError(f"{p.name}: sweep needs lrs and a seed that is not among the reported seeds")
+    for task in [study.sweep_task or next(iter(tasks), None), *(a.task for a in ablations)]:
         if task not in tasks:
             raise ConfigError(f"{p.name}: unknown task '{task}' (tasks: {', '.join(tasks)})")
-    if not study.seeds or not study.lrs or study.sweep_seed in study.seeds:
-        raise ConfigError(f"{p.name}: needs seeds, sweep.lrs, and a sweep.seed that is not reported")
+    if not study.seeds:
+        raise ConfigError(f"{p.name}: seeds: needs at least one seed")
     for task in tasks:  # every config loads before hours of compute start
         study.task_config(task)
     for a in ablations:
@@ -153,7 +152,9 @@ def final_accuracy(d: Path) -> float:
 
 
 def chosen_lrs(study: Study, out: Path) -> dict[str, float]:
-    """Each method's rate: best sweep accuracy, ties to the smaller rate."""
+    """Each method's rate: best sweep accuracy, ties to the smaller rate ({} without a sweep)."""
+    if study.sweep_task is None:
+        return {}
     return {m: max(sorted(study.lrs), key=lambda lr: (final_accuracy(run_dir(sweep_dir(out, lr), m,
                                                                               study.sweep_seed)), -lr))
             for m in study.methods}
@@ -213,7 +214,12 @@ class MethodResult:
         return statistics.stdev(self.accs) if len(self.accs) > 1 else 0.0
 
 
-def task_results(study: Study, out: Path, task: str, lrs: dict[str, float]) -> list[MethodResult]:
+def run_lr(d: Path) -> float:
+    """The learning rate a finished run really used (from its own config.toml)."""
+    return float(read_toml(d / "config.toml")["train"]["lr"])
+
+
+def task_results(study: Study, out: Path, task: str) -> list[MethodResult]:
     rows = []
     for m in study.methods:
         dirs = [run_dir(task_dir(out, task), m, s) for s in study.seeds]
@@ -222,7 +228,7 @@ def task_results(study: Study, out: Path, task: str, lrs: dict[str, float]) -> l
             records = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
             sent = [r["bytes_up"] / r["clients"] for r in records if r.get("clients")]
             uploads.append(statistics.fmean(sent) / 1e6 if sent else 0.0)
-        rows.append(MethodResult(m, lrs[m], [final_accuracy(d) for d in dirs], statistics.fmean(uploads)))
+        rows.append(MethodResult(m, run_lr(dirs[0]), [final_accuracy(d) for d in dirs], statistics.fmean(uploads)))
     return rows
 
 
@@ -337,24 +343,11 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
         "smallest budget; `ffa` freezes A and trains B at rank k_i; `fullrank` ignores budgets (every "
         "client at rank r): an upper bound, not a competitor.",
         "",
-        "## Learning rates: one sweep, the same for every method",
-        "",
-        f"Every method ran with each rate on task `{study.sweep_task}` with seed {study.sweep_seed} "
-        "(not reported below: a different client split and held-out sample); each method keeps the "
-        "rate with its best final accuracy (ties: the smaller rate), and uses it on every task.",
-        "",
     ]
-    grid = [("method", *(f"lr={lr:g}" for lr in study.lrs), "chosen")]
-    for m in study.methods:
-        cells = []
-        for lr in study.lrs:
-            acc = final_accuracy(run_dir(sweep_dir(out, lr), m, study.sweep_seed))
-            cells.append(f"**{acc:.3f}**" if lr == lrs[m] else f"{acc:.3f}")
-        grid.append((m, *cells, f"{lrs[m]:g}"))
-    lines += _table(grid)
+    lines += _sweep_section(study, out, lrs)
     verdicts: list[str] = []
     for task in study.tasks:
-        results = task_results(study, out, task, lrs)
+        results = task_results(study, out, task)
         ours = next((r for r in results if r.method == "fslora"), None)
         for png in ("accuracy_vs_round.png", "accuracy_vs_upload.png"):
             shutil.copyfile(task_dir(out, task) / png, img / f"{task}_{png}")
@@ -370,7 +363,12 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
                                     f"{won} of {len(r.accs)} seeds)")
             rows.append((r.method, f"{r.lr:g}", f"{r.mean:.3f} ± {r.std:.3f}", *(f"{a:.3f}" for a in r.accs),
                          f"{r.upload_mb:.3g}", cmp))
-        lines += ["", f"## Task `{task}`", "", *_table(rows), "",
+        sums = [json.loads((run_dir(task_dir(out, task), m, s) / SUMMARY).read_text())
+                for m in study.methods for s in study.seeds]
+        lines += ["", f"## Task `{task}`", "",
+                  f"Majority-class accuracy {statistics.fmean(x['majority_accuracy'] for x in sums):.3f}; "
+                  f"before any training {statistics.fmean(x['initial_accuracy'] for x in sums):.3f} "
+                  "(means over seeds and methods).", "", *_table(rows), "",
                   f"![accuracy vs round]({rel}/{task}_accuracy_vs_round.png) "
                   f"![accuracy vs upload]({rel}/{task}_accuracy_vs_upload.png)"]
     if verdicts:
@@ -396,6 +394,29 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
     return report
 
 
+def _sweep_section(study: Study, out: Path, lrs: dict[str, float]) -> list[str]:
+    if study.sweep_task is None:
+        rates = sorted({study.task_config(t).train.lr for t in study.tasks})
+        return ["## Learning rates", "", "No sweep in this study: every method uses each task's configured "
+                f"rate ({', '.join(f'{r:g}' for r in rates)})."]
+    lines = [
+        "## Learning rates: one sweep, the same for every method",
+        "",
+        f"Every method ran with each rate on task `{study.sweep_task}` with seed {study.sweep_seed} "
+        "(not reported below: a different client split and held-out sample); each method keeps the "
+        "rate with its best final accuracy (ties: the smaller rate), and uses it on every task.",
+        "",
+    ]
+    grid = [("method", *(f"lr={lr:g}" for lr in study.lrs), "chosen")]
+    for m in study.methods:
+        cells = []
+        for lr in study.lrs:
+            acc = final_accuracy(run_dir(sweep_dir(out, lr), m, study.sweep_seed))
+            cells.append(f"**{acc:.3f}**" if lr == lrs[m] else f"{acc:.3f}")
+        grid.append((m, *cells, f"{lrs[m]:g}"))
+    return lines + _table(grid)
+
+
 def _display(path: Path) -> str:
     try:
         return path.resolve().relative_to(Path.cwd()).as_posix()
@@ -405,6 +426,5 @@ def _display(path: Path) -> str:
 
 def study_summary(study: Study, out: Path) -> dict:
     """Machine-readable digest of the main tables (what the report's tables show)."""
-    lrs = chosen_lrs(study, out)
-    return {task: {r.method: dataclasses.asdict(r) for r in task_results(study, out, task, lrs)}
+    return {task: {r.method: dataclasses.asdict(r) for r in task_results(study, out, task)}
             for task in study.tasks}
