@@ -175,8 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedlora: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedlora: interrupted; finished rounds are checkpointed: run the same command "
-              "with --resume to continue", file=sys.stderr)
+        if args.command == "run":
+            hint = "finished rounds are checkpointed: run the same command with --resume to continue"
+        elif args.command in ("compare", "study"):
+            hint = ("run the same command again to continue (finished runs are kept, the interrupted "
+                    "one resumes from its last checkpoint)")
+        else:
+            hint = "nothing was written"
+        print(f"fedlora: interrupted; {hint}", file=sys.stderr)
         return 130
 
 

@@ -1,7 +1,8 @@
 """``fedlora compare``: every method on the identical split, budgets and seeds.
 
 Each (method, seed) pair is one ordinary run in ``<out>/<method>-seed<seed>/``; a pair
-whose ``summary.json`` exists is finished and skipped, so re-running resumes. The
+whose ``summary.json`` exists is finished and skipped, an interrupted one continues from
+its last checkpoint, so re-running resumes. The
 report is ``results.md`` + ``results.csv`` and two plots.
 """
 
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, read_toml, to_toml
+from .config import ConfigError, RunConfig, read_toml, toml_dict
 from .strategies import STRATEGIES
 
 SUMMARY = "summary.json"
@@ -47,15 +48,35 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path,
             one = dataclasses.replace(cfg, seed=seed, output_dir=str(d), train=train,
                                       strategy=dataclasses.replace(cfg.strategy, name=method))
             one.validate()
+            started = (d / "metrics.jsonl").exists() and (d / "config.toml").exists()
+            if started:  # never mix two setups in one table
+                changed = config_difference(toml_dict(one), read_toml(d / "config.toml"))
+                if changed is not None:
+                    raise ConfigError(f"{d} holds a run with a different {changed}; choose another --out, "
+                                      "or delete that directory to rerun it")
             if (d / SUMMARY).exists():
-                if (d / "config.toml").read_text() != to_toml(one):  # never mix two setups in one table
-                    raise ConfigError(f"{d} holds a finished run of a different configuration; "
-                                      "choose another --out, or delete that directory to rerun it")
                 continue
             if progress:
-                print(f"compare: {method}, seed {seed} -> {d}", file=sys.stderr, flush=True)
-            run(one, overwrite=True, progress=progress)
+                print(f"compare: {method}, seed {seed} -> {d}" + (" (resuming)" if started else ""),
+                      file=sys.stderr, flush=True)
+            run(one, overwrite=not started, resume=started, progress=progress)
     return write_report(out, methods, seeds)
+
+
+def config_difference(want: dict, have: dict, prefix: str = "") -> str | None:
+    """The first dotted key whose value differs between two config dicts (output_dir aside)."""
+    for key in sorted(set(want) | set(have)):
+        name = f"{prefix}{key}"
+        if name == "output_dir":
+            continue
+        a, b = want.get(key), have.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = config_difference(a, b, f"{name}.")
+            if inner is not None:
+                return inner
+        elif a != b:
+            return f"{name} ({b!r} there, {a!r} now)"
+    return None
 
 
 def load_metrics(d: Path) -> list[dict]:

@@ -308,6 +308,11 @@ def to_toml(cfg: RunConfig) -> str:
     return tomli_w.dumps(dataclasses.asdict(cfg))
 
 
+def toml_dict(cfg: RunConfig) -> dict[str, Any]:
+    """``cfg`` as it reads back from its config.toml (lists, not tuples), to compare with one."""
+    return tomllib.loads(to_toml(cfg))
+
+
 def _check(key: str, ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
