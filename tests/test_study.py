@@ -8,7 +8,7 @@ import pytest
 from fedlora.cli import main
 from fedlora.compare import run_dir
 from fedlora.config import ConfigError
-from fedlora.study import chosen_lrs, load_study, sweep_dir, task_dir
+from fedlora.study import MethodResult, chosen_lrs, load_study, sweep_dir, task_dir, verdict
 
 from .conftest import tiny_overrides
 
@@ -94,9 +94,12 @@ def test_study_runs_everything_and_writes_a_well_formed_report(tiny_study, tmp_p
     assert md.count("`alpha` vs `") == 2 and md.count("`beta` vs `") == 2
     assert "### k of r = 8" in md and "`budgets.ranks=[2]`" in md
     for png in ["alpha_accuracy_vs_round.png", "beta_accuracy_vs_upload.png", "ablation_ratio.png"]:
-        path = report.parent / "img" / "study" / png
-        assert path.stat().st_size > 1000 and f"img/study/{png}" in md
+        path = report.parent / "img" / "results" / png
+        assert path.stat().st_size > 1000 and f"img/results/{png}" in md
     assert "**Cost:** 22 runs" in md  # sweep 2x3 + tasks 2x3x2 + ablation 2x2
+    for table in re.findall(r"(?:^\|.*\|\n)+", md, re.M):  # every row has its header's columns
+        widths = {line.count("|") for line in table.splitlines()}
+        assert len(widths) == 1, table
     capsys.readouterr()
 
     # resume: nothing reruns, the report regenerates identically
@@ -123,12 +126,17 @@ def test_a_finished_run_of_another_setup_is_not_mixed_in(tiny_study, tmp_path, c
 
     out = tmp_path / "c"
     compare(study.task_config("alpha"), ["fedit"], [0], out, progress=False)
-    with pytest.raises(ConfigError, match="different configuration"):
+    with pytest.raises(ConfigError, match=r"different train\.lr \(0\.001 there, 0\.5 now\)"):
         compare(study.task_config("alpha", ["train.lr=0.5"]), ["fedit"], [0], out, progress=False)
 
 
 @pytest.mark.parametrize("edit, message", [
-    (('seed = 7', 'seed = 1'), "sweep.seed that is not reported"),
+    (('seed = 7', 'seed = 1'), "sweep.seed: 1 is also a reported seed"),
+    (('seeds = [0, 1]', 'seeds = [0, "1"]'), "seeds: expected int, got '1'"),
+    (('seeds = [0, 1]', 'seeds = [0, 0]'), "repeated entries in [0, 0]"),
+    (('lrs = [1e-2, 5e-2]', 'lrs = []'), "sweep.lrs: needs positive learning rates"),
+    (('method = "fslora"', 'method = "nope"'), "ablation[0]: unknown ['nope']"),
+    (('{ label = "8"', '{ label = "2"'), "repeated name '2'"),
     (('"fedit"]', '"nope"]'), "unknown ['nope']"),
     (('config = "tiny.toml"', 'config = "missing.toml"'), "config file not found"),
     (('task = "alpha"\nseed', 'task = "gamma"\nseed'), "unknown task 'gamma'"),
@@ -140,3 +148,73 @@ def test_bad_study_files_exit_2_with_one_line(tiny_study, tmp_path, capsys, edit
     assert main(["study", str(tiny_study), "--out", str(tmp_path / "r"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_a_study_without_a_sweep_keeps_each_tasks_rate(tiny_study, tmp_path, capsys):
+    text = tiny_study.read_text()
+    no_sweep = text[:text.index("[sweep]")].replace("seeds = [0, 1]", "seeds = [3]")
+    no_sweep = no_sweep.replace('"flexlora", "fedit"', '"ffa"')
+    tiny_study.write_text(no_sweep)
+    out, report = tmp_path / "runs", tmp_path / "report.md"
+    assert main(["study", str(tiny_study), "--out", str(out), "--report", str(report), "--quiet"]) == 0
+    md = report.read_text()
+    assert "No sweep in this study" in md and "## Ablations" not in md
+    task_lr = load_study(tiny_study).task_config("alpha").train.lr
+    for m in ("fslora", "ffa"):
+        cfg = (run_dir(task_dir(out, "alpha"), m, 3) / "config.toml").read_text()
+        assert re.search(rf"^lr = {task_lr}$", cfg, re.M)
+        assert f"| {m} | {task_lr:g} |" in md
+
+
+@pytest.mark.parametrize("ours, theirs, word, won, lost", [
+    ([0.70, 0.72, 0.74], [0.60, 0.62, 0.64], "win", 3, 0),
+    ([0.70, 0.62, 0.74], [0.60, 0.62, 0.64], "win", 2, 0),  # an equal seed does not break a win
+    ([0.60, 0.62, 0.64], [0.70, 0.72, 0.74], "loss", 0, 3),
+    ([0.70, 0.50, 0.74], [0.60, 0.62, 0.64], "inconclusive", 2, 1),
+    ([0.61, 0.62, 0.64], [0.60, 0.62, 0.64], "tie", 1, 0),  # ahead, but by less than TIE on average
+    ([0.60, 0.62, 0.64], [0.60, 0.62, 0.64], "tie", 0, 0),
+])
+def test_verdict_is_paired_over_seeds(ours, theirs, word, won, lost):
+    v = verdict(MethodResult("fslora", 1e-3, ours, 0.0), MethodResult("other", 1e-3, theirs, 0.0))
+    diffs = [a - b for a, b in zip(ours, theirs)]
+    assert (v.word, v.won, v.lost) == (word, won, lost)
+    assert v.mean == pytest.approx(sum(diffs) / 3)
+    assert v.std == pytest.approx((sum((d - v.mean) ** 2 for d in diffs) / 2) ** 0.5)
+
+
+def test_report_only_names_the_missing_runs(tiny_study, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["study", str(tiny_study), "--out", str(out), "--report-only", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "22 of the study's runs are not finished" in err and "fslora-seed7" in err and err.count("\n") == 1
+
+
+def test_compare_resumes_an_interrupted_run_from_its_checkpoint(tiny_study, tmp_path, monkeypatch):
+    from fedlora import simulate
+    from fedlora.compare import compare
+
+    cfg = load_study(tiny_study).task_config("alpha")  # checkpoints every round (the default)
+    out = tmp_path / "c"
+    real_train = simulate.train_client
+
+    def dies_in_round_2(exp, rnd, cid, task):
+        if rnd == 2:
+            raise KeyboardInterrupt  # what Ctrl-C does mid-round
+        return real_train(exp, rnd, cid, task)
+
+    monkeypatch.setattr(simulate, "train_client", dies_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        compare(cfg, ["fslora"], [0], out, progress=False)
+    d = run_dir(out, "fslora", 0)
+    assert not (d / "summary.json").exists() and (d / "checkpoints").is_dir()
+    monkeypatch.undo()
+
+    compare(cfg, ["fslora"], [0], out, progress=False)
+    rounds = [json.loads(x)["round"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1, 2] and (d / "summary.json").exists()
+
+    fresh = tmp_path / "fresh"
+    compare(cfg, ["fslora"], [0], fresh, progress=False)
+    strip = [re.sub(r'"wall_time_s": [0-9.e-]+', "", (o / "fslora-seed0" / "metrics.jsonl").read_text())
+             for o in (out, fresh)]
+    assert strip[0] == strip[1]  # the resumed run is the run that was not interrupted

@@ -46,6 +46,7 @@ class Ablation:
     method: str
     x_label: str
     variants: list[Variant]
+    note: str = ""  # printed under the ablation's table (e.g. what else changes with x)
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,20 @@ def _get(table: dict, key: str, kind: type, where: str):
     value = table[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if kind is list and not isinstance(value, list) or kind is not list and not isinstance(value, kind):
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
     return value
+
+
+def _items(table: dict, key: str, kind: type, where: str, default: list | None = None) -> list:
+    """A list whose entries all have type ``kind`` (ints accepted as floats), without repeats."""
+    if default is not None and key not in table:
+        return default
+    values = _get(table, key, list, where)
+    out = [_get({key: v}, key, kind, where) for v in values]
+    if kind is not dict and len(set(out)) != len(out):
+        raise ConfigError(f"{where}.{key}: repeated entries in {values}")
+    return out
 
 
 def _only(table: dict, keys: set[str], where: str) -> None:
@@ -80,51 +92,75 @@ def _only(table: dict, keys: set[str], where: str) -> None:
         raise ConfigError(f"{where}: unknown key '{unknown[0]}' (valid: {', '.join(sorted(keys))})")
 
 
+def _unique(names: list[str], where: str) -> None:
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"{where}: repeated name '{repeated[0]}'")
+
+
+def _method(name: str, where: str) -> str:
+    if name not in STRATEGIES:
+        raise ConfigError(f"{where}: unknown ['{name}']; choose from {', '.join(STRATEGIES)}")
+    return name
+
+
 def load_study(path: str | Path) -> Study:
-    """Read and check a study file; task configs are resolved relative to it."""
+    """Read and check a study file; task configs are resolved relative to it.
+
+    Every mistake is a ConfigError naming the file and key, raised before any run starts.
+    """
     p = Path(path)
     data = read_toml(p, "study")
     _only(data, {"methods", "seeds", "task", "sweep", "ablation"}, p.name)
     tasks: dict[str, Path] = {}
-    for i, t in enumerate(_get(data, "task", list, p.name)):
+    task_tables = _items(data, "task", dict, p.name)
+    if not task_tables:
+        raise ConfigError(f"{p.name}: needs at least one [[task]]")
+    _unique([t.get("name") for t in task_tables], f"{p.name}: task")
+    for i, t in enumerate(task_tables):
         where = f"{p.name}: task[{i}]"
         _only(t, {"name", "config"}, where)
         cfg = p.parent / _get(t, "config", str, where)
         if not cfg.is_file():
             raise ConfigError(f"{where}: config file not found: {cfg}")
         tasks[_get(t, "name", str, where)] = cfg
-    methods = [str(m) for m in _get(data, "methods", list, p.name)]
-    unknown = [m for m in methods if m not in STRATEGIES]
-    if unknown or not methods:
-        raise ConfigError(f"{p.name}: methods: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
-    seeds = _get(data, "seeds", list, p.name)
-    sweep = data.get("sweep")
-    if sweep is not None:
-        _only(_get(data, "sweep", dict, p.name), {"task", "seed", "lrs"}, f"{p.name}: sweep")
+    methods = [_method(m, f"{p.name}: methods") for m in _items(data, "methods", str, p.name)]
+    seeds = _items(data, "seeds", int, p.name)
+    if not methods or not seeds:
+        raise ConfigError(f"{p.name}: methods and seeds need at least one entry each")
+    sweep_task, sweep_seed, lrs = None, -1, []
+    if "sweep" in data:
+        sweep = _get(data, "sweep", dict, p.name)
+        where = f"{p.name}: sweep"
+        _only(sweep, {"task", "seed", "lrs"}, where)
+        sweep_task, sweep_seed = _get(sweep, "task", str, where), _get(sweep, "seed", int, where)
+        lrs = _items(sweep, "lrs", float, where)
+        if not lrs or any(lr <= 0 for lr in lrs):
+            raise ConfigError(f"{where}.lrs: needs positive learning rates, got {lrs}")
+        if sweep_seed in seeds:
+            raise ConfigError(f"{where}.seed: {sweep_seed} is also a reported seed; the sweep needs a "
+                              "seed that is not reported")
     ablations = []
-    for i, a in enumerate(data.get("ablation", [])):
+    for i, a in enumerate(_items(data, "ablation", dict, p.name, default=[])):
         where = f"{p.name}: ablation[{i}]"
-        _only(a, {"name", "title", "task", "method", "x_label", "variants"}, where)
+        _only(a, {"name", "title", "task", "method", "x_label", "note", "variants"}, where)
         variants = []
-        for v in _get(a, "variants", list, where):
+        for v in _items(a, "variants", dict, where):
             _only(v, {"label", "set"}, f"{where}.variants")
-            variants.append(Variant(str(_get(v, "label", str, where)), list(_get(v, "set", list, where))))
+            variants.append(Variant(_get(v, "label", str, f"{where}.variants"),
+                                    _items(v, "set", str, f"{where}.variants")))
+        if not variants:
+            raise ConfigError(f"{where}: needs at least one variant")
+        _unique([v.label for v in variants], f"{where}.variants")
         ablations.append(Ablation(_get(a, "name", str, where), _get(a, "title", str, where),
-                                  _get(a, "task", str, where), _get(a, "method", str, where),
-                                  _get(a, "x_label", str, where), variants))
-    if sweep is None:
-        study = Study(p, tasks, methods, [int(s) for s in seeds], None, -1, [], ablations)
-    else:
-        study = Study(p, tasks, methods, [int(s) for s in seeds], _get(sweep, "task", str, "sweep"),
-                      _get(sweep, "seed", int, "sweep"),
-                      [float(x) for x in _get(sweep, "lrs", list, "sweep")], ablations)
-        if not study.lrs or study.sweep_seed in study.seeds:
-            raise ConfigError(f"{p.name}: sweep needs lrs and a seed that is not among the reported seeds")
-    for task in [study.sweep_task or next(iter(tasks), None), *(a.task for a in ablations)]:
+                                  _get(a, "task", str, where), _method(_get(a, "method", str, where), where),
+                                  _get(a, "x_label", str, where), variants,
+                                  _get(a, "note", str, where) if "note" in a else ""))
+    _unique([a.name for a in ablations], f"{p.name}: ablation")
+    study = Study(p, tasks, methods, seeds, sweep_task, sweep_seed, lrs, ablations)
+    for task in [sweep_task or next(iter(tasks)), *(a.task for a in ablations)]:
         if task not in tasks:
             raise ConfigError(f"{p.name}: unknown task '{task}' (tasks: {', '.join(tasks)})")
-    if not study.seeds:
-        raise ConfigError(f"{p.name}: seeds: needs at least one seed")
     for task in tasks:  # every config loads before hours of compute start
         study.task_config(task)
     for a in ablations:
@@ -160,10 +196,23 @@ def chosen_lrs(study: Study, out: Path) -> dict[str, float]:
             for m in study.methods}
 
 
+def expected_runs(study: Study, out: Path) -> list[Path]:
+    """Every run directory the study is made of, in the order they run."""
+    dirs = [run_dir(sweep_dir(out, lr), m, study.sweep_seed) for lr in study.lrs for m in study.methods]
+    dirs += [run_dir(task_dir(out, t), m, s) for t in study.tasks for s in study.seeds for m in study.methods]
+    dirs += [run_dir(variant_dir(out, a, v), a.method, s) for a in study.ablations for v in a.variants
+             for s in study.seeds]
+    return dirs
+
+
+def missing_runs(study: Study, out: Path) -> list[Path]:
+    return [d for d in expected_runs(study, out) if not (d / SUMMARY).exists()]
+
+
 def run_study(study: Study, out: Path, progress: bool = True) -> dict[str, float]:
     """Run whatever is missing; return each method's chosen learning rate."""
     start = time.perf_counter()
-    before = _finished_runs(out)
+    todo = len(missing_runs(study, out))
     steps = len(study.lrs) + len(study.tasks) + sum(len(a.variants) for a in study.ablations)
     step = 0
 
@@ -173,27 +222,30 @@ def run_study(study: Study, out: Path, progress: bool = True) -> dict[str, float
         if progress:
             print(f"study [{step}/{steps}] {what}", file=sys.stderr, flush=True)
 
-    for lr in study.lrs:
-        announce(f"sweep lr={lr:g} on {study.sweep_task}, seed {study.sweep_seed}")
-        compare(study.task_config(study.sweep_task, [f"train.lr={lr}"]), study.methods,
-                [study.sweep_seed], sweep_dir(out, lr), progress=progress)
-    lrs = chosen_lrs(study, out)
-    for task in study.tasks:
-        announce(f"task {task}: {len(study.methods)} methods x {len(study.seeds)} seeds")
-        compare(study.task_config(task), study.methods, study.seeds, task_dir(out, task), progress, lrs=lrs)
-    for a in study.ablations:
-        for v in a.variants:
-            announce(f"ablation {a.name}: {v.label}")
-            cfg = study.task_config(a.task, v.overrides)
-            compare(cfg, [a.method], study.seeds, variant_dir(out, a, v), progress, lrs=lrs)
-    ran = _finished_runs(out) - before
-    if ran:  # the time of the invocation that did the work (a no-op rerun keeps it)
-        (out / TIMING).write_text(json.dumps({"elapsed_s": time.perf_counter() - start, "runs": ran}) + "\n")
+    if progress:
+        print(f"study: {todo} of {len(expected_runs(study, out))} runs to do -> {out}", file=sys.stderr, flush=True)
+    try:
+        for lr in study.lrs:
+            announce(f"sweep lr={lr:g} on {study.sweep_task}, seed {study.sweep_seed}")
+            compare(study.task_config(study.sweep_task, [f"train.lr={lr}"]), study.methods,
+                    [study.sweep_seed], sweep_dir(out, lr), progress=progress)
+        lrs = chosen_lrs(study, out)
+        for task in study.tasks:
+            announce(f"task {task}: {len(study.methods)} methods x {len(study.seeds)} seeds")
+            compare(study.task_config(task), study.methods, study.seeds, task_dir(out, task), progress, lrs=lrs)
+        for a in study.ablations:
+            for v in a.variants:
+                announce(f"ablation {a.name}: {v.label}")
+                cfg = study.task_config(a.task, v.overrides)
+                compare(cfg, [a.method], study.seeds, variant_dir(out, a, v), progress, lrs=lrs)
+    finally:  # the wall time of every invocation that did work adds up (also when one is interrupted)
+        ran = todo - len(missing_runs(study, out))
+        if ran:
+            timing = json.loads((out / TIMING).read_text()) if (out / TIMING).exists() else {}
+            timing = {"elapsed_s": timing.get("elapsed_s", 0.0) + time.perf_counter() - start,
+                      "runs": timing.get("runs", 0) + ran, "invocations": timing.get("invocations", 0) + 1}
+            (out / TIMING).write_text(json.dumps(timing) + "\n")
     return lrs
-
-
-def _finished_runs(out: Path) -> int:
-    return sum(1 for _ in out.rglob(SUMMARY)) if out.exists() else 0
 
 
 # -- the report -----------------------------------------------------------------------
@@ -235,19 +287,34 @@ def task_results(study: Study, out: Path, task: str) -> list[MethodResult]:
 TIE = 0.005  # mean paired differences smaller than this are called ties
 
 
-def verdict(ours: MethodResult, other: MethodResult) -> tuple[str, float, int]:
-    """Paired over seeds (same split and budgets): (word, mean difference, seeds won)."""
+@dataclass(frozen=True)
+class Verdict:
+    word: str  # win, loss, tie or inconclusive
+    mean: float  # mean over seeds of (ours - theirs)
+    std: float  # spread of those paired differences
+    won: int  # seeds where ours is ahead
+    lost: int  # seeds where ours is behind
+
+
+def verdict(ours: MethodResult, other: MethodResult) -> Verdict:
+    """Paired over seeds (same split and budgets).
+
+    tie: mean gap under TIE; win: ahead on average and behind on no seed; loss: the
+    reverse; inconclusive: the seeds disagree (ahead on some, behind on others).
+    """
     diffs = [a - b for a, b in zip(ours.accs, other.accs)]
-    mean, won = statistics.fmean(diffs), sum(d > 0 for d in diffs)
+    mean = statistics.fmean(diffs)
+    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    won, lost = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     if abs(mean) < TIE:
         word = "tie"
-    elif won == len(diffs):
+    elif mean > 0 and lost == 0:
         word = "win"
-    elif won == 0:
+    elif mean < 0 and won == 0:
         word = "loss"
     else:
-        word = "mixed (tie)"
-    return word, mean, won
+        word = "inconclusive"
+    return Verdict(word, mean, std, won, lost)
 
 
 def _setup_rows(study: Study) -> list[tuple[str, ...]]:
@@ -258,7 +325,8 @@ def _setup_rows(study: Study) -> list[tuple[str, ...]]:
 
     return [
         ("", *cfgs),
-        row("model (LoRA targets)", lambda c: f"{c.model.name} ({', '.join(c.model.targets)} + head)"),
+        row("model (LoRA targets)", lambda c: f"{c.model.name} ({', '.join(c.model.targets)}"
+            + (" + classifier head)" if c.model.task == "classification" else ")")),
         row("data", lambda c: c.data.name + (f" [{c.data.label_column}]" if c.data.label_column != "label" else "")),
         row("clients / per round", lambda c: f"{c.data.num_clients} / {_per_round(c)}"),
         row("split", lambda c: f"{c.data.partition}, alpha={c.data.alpha:g}"),
@@ -312,14 +380,25 @@ def _plot_ablations(study: Study, out: Path, img: Path) -> list[str]:
 
 
 def write_report(study: Study, out: Path, report: Path) -> Path:
-    """``report`` (Markdown) and its plots under ``report.parent/img/study``, from ``out`` alone."""
+    """``report`` (Markdown) and its plots under ``report.parent/img/<report stem>``, from ``out`` alone."""
+    missing = missing_runs(study, out)
+    if missing:
+        raise ConfigError(f"{len(missing)} of the study's runs are not finished in {out} (first: {missing[0]}); "
+                          "run the study without --report-only to make them")
     lrs = chosen_lrs(study, out)
-    img = report.parent / "img" / "study"
+    img = report.parent / "img" / report.stem
     img.mkdir(parents=True, exist_ok=True)
     rel = img.relative_to(report.parent).as_posix()
     timing = json.loads((out / TIMING).read_text()) if (out / TIMING).exists() else None
-    total_run_s = sum(json.loads(p.read_text())["wall_time_s"] for p in out.rglob(SUMMARY))
-    n_runs = _finished_runs(out)
+    runs = expected_runs(study, out)
+    total_run_s = sum(json.loads((d / SUMMARY).read_text())["wall_time_s"] for d in runs)
+    cost = f"**Cost:** {len(runs)} runs, {total_run_s / 60:.1f} min of run time"
+    if timing:
+        n = timing.get("invocations", 1)
+        cost += (f"; the {'invocation' if n == 1 else f'{n} invocations'} of the study command that ran "
+                 f"them took {timing['elapsed_s'] / 60:.1f} min wall in all on this machine.")
+    fullrank = "`fullrank` ignores the budgets (every client trains rank r): the field's \"full-rank upper " \
+               "bound\", a reference that breaks the budgets, not a competitor (nor always the best)."
     lines = [
         "# Accuracy study: heterogeneous-rank federated LoRA, every method on the same footing",
         "",
@@ -327,11 +406,10 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
         "do not edit by hand. Every number below is a final global test accuracy (held-out set "
         "after the last round).",
         "",
-        f"**Cost:** {n_runs} runs, {total_run_s / 60:.1f} min of run time"
-        + (f"; the invocation that ran them ({timing['runs']} runs) took "
-           f"{timing['elapsed_s'] / 60:.1f} min wall on this machine." if timing else "."),
+        cost + ("" if timing else "."),
         "",
-        "## Setup (identical for every method)",
+        "## Setup (identical for every method" + (", except the learning rate chosen below)"
+                                                   if study.sweep_task else ")"),
         "",
         *_table(_setup_rows(study)),
         "",
@@ -340,8 +418,7 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
         "Methods: `fslora` sketches a k_i-sized block of the global rank-r pair per client per round; "
         "`flexlora` trains rank k_i and gets the SVD truncation of the averaged product; `hetlora` zero-pads "
         "to the largest budget; `flora` stacks and merges into the base; `fedit` puts every client at the "
-        "smallest budget; `ffa` freezes A and trains B at rank k_i; `fullrank` ignores budgets (every "
-        "client at rank r): an upper bound, not a competitor.",
+        "smallest budget; `ffa` freezes A and trains B at rank k_i; " + fullrank,
         "",
     ]
     lines += _sweep_section(study, out, lrs)
@@ -352,15 +429,15 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
         for png in ("accuracy_vs_round.png", "accuracy_vs_upload.png"):
             shutil.copyfile(task_dir(out, task) / png, img / f"{task}_{png}")
         rows = [("method", "lr", "accuracy mean ± std", *(f"seed {s}" for s in study.seeds),
-                 "upload MB / client / round", "FSLoRA − method (paired)")]
+                 "upload MB / client / round", "FSLoRA − method, paired: mean ± std (verdict)")]
         for r in sorted(results, key=lambda r: -r.mean):
             cmp = ""
             if ours is not None and r is not ours:
-                word, diff, won = verdict(ours, r)
-                cmp = f"{diff:+.3f} ({word}, {won}/{len(r.accs)} seeds)"
+                v = verdict(ours, r)
+                cmp = f"{v.mean:+.3f} ± {v.std:.3f} ({v.word})"
                 if r.method != "fullrank":
-                    verdicts.append(f"`{task}` vs `{r.method}`: **{word}** ({diff:+.3f}, FSLoRA ahead on "
-                                    f"{won} of {len(r.accs)} seeds)")
+                    verdicts.append(f"`{task}` vs `{r.method}`: **{v.word}** ({v.mean:+.3f} ± {v.std:.3f}; "
+                                    f"FSLoRA ahead on {v.won}, behind on {v.lost} of {len(r.accs)} seeds)")
             rows.append((r.method, f"{r.lr:g}", f"{r.mean:.3f} ± {r.std:.3f}", *(f"{a:.3f}" for a in r.accs),
                          f"{r.upload_mb:.3g}", cmp))
         sums = [json.loads((run_dir(task_dir(out, task), m, s) / SUMMARY).read_text())
@@ -373,13 +450,14 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
                   f"![accuracy vs upload]({rel}/{task}_accuracy_vs_upload.png)"]
     if verdicts:
         lines += ["", "## Where FSLoRA wins, ties or loses", "",
-                  f"Paired over the {len(study.seeds)} seeds (same split and budgets): a **win** or **loss** "
-                  f"means FSLoRA was ahead on every seed or behind on every seed with a mean gap of at least "
-                  f"{TIE}; anything else is a tie. The full-rank upper bound is left out (it breaks the budgets).",
+                  f"Paired over the {len(study.seeds)} seeds (same split and budgets; ± is the spread of the "
+                  f"paired differences). **tie**: the mean gap is under {TIE}; **win**: FSLoRA ahead on "
+                  "average and behind on no seed; **loss**: the reverse; **inconclusive**: the seeds "
+                  "disagree. `fullrank` is left out (it breaks the budgets).",
                   "", *(f"- {v}" for v in verdicts)]
     if study.ablations:
         names = _plot_ablations(study, out, img)
-        lines += ["", "## Ablations (FSLoRA)", ""]
+        lines += ["", "## Ablations", ""]
         for a, name in zip(study.ablations, names):
             accs = [[final_accuracy(run_dir(variant_dir(out, a, v), a.method, s)) for s in study.seeds]
                     for v in a.variants]
@@ -388,7 +466,8 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
                 sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
                 rows.append((v.label, f"{statistics.fmean(acc):.3f} ± {sd:.3f}", *(f"{x:.3f}" for x in acc),
                              "`" + " ".join(v.overrides) + "`"))
-            lines += [f"### {a.title} (task `{a.task}`)", "", *_table(rows), "", f"![{a.name}]({rel}/{name})", ""]
+            lines += [f"### {a.title} (`{a.method}`, task `{a.task}`)", "", *_table(rows), "",
+                      *([a.note, ""] if a.note else []), f"![{a.name}]({rel}/{name})", ""]
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(lines).rstrip() + "\n")
     return report
@@ -402,9 +481,10 @@ def _sweep_section(study: Study, out: Path, lrs: dict[str, float]) -> list[str]:
     lines = [
         "## Learning rates: one sweep, the same for every method",
         "",
-        f"Every method ran with each rate on task `{study.sweep_task}` with seed {study.sweep_seed} "
-        "(not reported below: a different client split and held-out sample); each method keeps the "
-        "rate with its best final accuracy (ties: the smaller rate), and uses it on every task.",
+        f"Every method ran with each rate on task `{study.sweep_task}` with seed {study.sweep_seed}, which is "
+        "not reported below: it draws its own client split and held-out sample (from the same pool, so "
+        "some held-out examples can also be in the reported seeds' held-out sets). Each method keeps the "
+        "rate with its best final accuracy (ties: the smaller rate) and uses it on every task and ablation.",
         "",
     ]
     grid = [("method", *(f"lr={lr:g}" for lr in study.lrs), "chosen")]
