@@ -173,13 +173,16 @@ def test_a_study_without_a_sweep_keeps_each_tasks_rate(tiny_study, tmp_path, cap
     ([0.70, 0.50, 0.74], [0.60, 0.62, 0.64], "inconclusive", 2, 1),
     ([0.61, 0.62, 0.64], [0.60, 0.62, 0.64], "tie", 1, 0),  # ahead, but by less than TIE on average
     ([0.60, 0.62, 0.64], [0.60, 0.62, 0.64], "tie", 0, 0),
+    ([0.70], [0.60], "ahead", 1, 0),  # one seed is a draw, not a win
+    ([0.60], [0.70], "behind", 0, 1),
 ])
 def test_verdict_is_paired_over_seeds(ours, theirs, word, won, lost):
     v = verdict(MethodResult("fslora", 1e-3, ours, 0.0), MethodResult("other", 1e-3, theirs, 0.0))
     diffs = [a - b for a, b in zip(ours, theirs)]
     assert (v.word, v.won, v.lost) == (word, won, lost)
-    assert v.mean == pytest.approx(sum(diffs) / 3)
-    assert v.std == pytest.approx((sum((d - v.mean) ** 2 for d in diffs) / 2) ** 0.5)
+    assert v.mean == pytest.approx(sum(diffs) / len(diffs))
+    n = len(diffs)
+    assert v.std == pytest.approx((sum((d - v.mean) ** 2 for d in diffs) / (n - 1)) ** 0.5 if n > 1 else 0.0)
 
 
 def test_report_only_names_the_missing_runs(tiny_study, tmp_path, capsys):

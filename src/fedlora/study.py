@@ -300,7 +300,8 @@ def verdict(ours: MethodResult, other: MethodResult) -> Verdict:
     """Paired over seeds (same split and budgets).
 
     tie: mean gap under TIE; win: ahead on average and behind on no seed; loss: the
-    reverse; inconclusive: the seeds disagree (ahead on some, behind on others).
+    reverse; inconclusive: the seeds disagree (ahead on some, behind on others). One
+    seed decides nothing: its words are "ahead" and "behind".
     """
     diffs = [a - b for a, b in zip(ours.accs, other.accs)]
     mean = statistics.fmean(diffs)
@@ -308,6 +309,8 @@ def verdict(ours: MethodResult, other: MethodResult) -> Verdict:
     won, lost = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     if abs(mean) < TIE:
         word = "tie"
+    elif len(diffs) == 1:
+        word = "ahead" if mean > 0 else "behind"
     elif mean > 0 and lost == 0:
         word = "win"
     elif mean < 0 and won == 0:
@@ -396,7 +399,7 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
     if timing:
         n = timing.get("invocations", 1)
         cost += (f"; the {'invocation' if n == 1 else f'{n} invocations'} of the study command that ran "
-                 f"them took {timing['elapsed_s'] / 60:.1f} min wall in all on this machine.")
+                 f"them took {timing['elapsed_s'] / 60:.1f} min wall in all on this machine")
     fullrank = "`fullrank` ignores the budgets (every client trains rank r): the field's \"full-rank upper " \
                "bound\", a reference that breaks the budgets, not a competitor (nor always the best)."
     lines = [
@@ -406,7 +409,7 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
         "do not edit by hand. Every number below is a final global test accuracy (held-out set "
         "after the last round).",
         "",
-        cost + ("" if timing else "."),
+        cost + ".",
         "",
         "## Setup (identical for every method" + (", except the learning rate chosen below)"
                                                    if study.sweep_task else ")"),
@@ -424,36 +427,18 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
     lines += _sweep_section(study, out, lrs)
     verdicts: list[str] = []
     for task in study.tasks:
-        results = task_results(study, out, task)
-        ours = next((r for r in results if r.method == "fslora"), None)
-        for png in ("accuracy_vs_round.png", "accuracy_vs_upload.png"):
-            shutil.copyfile(task_dir(out, task) / png, img / f"{task}_{png}")
-        rows = [("method", "lr", "accuracy mean ± std", *(f"seed {s}" for s in study.seeds),
-                 "upload MB / client / round", "FSLoRA − method, paired: mean ± std (verdict)")]
-        for r in sorted(results, key=lambda r: -r.mean):
-            cmp = ""
-            if ours is not None and r is not ours:
-                v = verdict(ours, r)
-                cmp = f"{v.mean:+.3f} ± {v.std:.3f} ({v.word})"
-                if r.method != "fullrank":
-                    verdicts.append(f"`{task}` vs `{r.method}`: **{v.word}** ({v.mean:+.3f} ± {v.std:.3f}; "
-                                    f"FSLoRA ahead on {v.won}, behind on {v.lost} of {len(r.accs)} seeds)")
-            rows.append((r.method, f"{r.lr:g}", f"{r.mean:.3f} ± {r.std:.3f}", *(f"{a:.3f}" for a in r.accs),
-                         f"{r.upload_mb:.3g}", cmp))
-        sums = [json.loads((run_dir(task_dir(out, task), m, s) / SUMMARY).read_text())
-                for m in study.methods for s in study.seeds]
-        lines += ["", f"## Task `{task}`", "",
-                  f"Majority-class accuracy {statistics.fmean(x['majority_accuracy'] for x in sums):.3f}; "
-                  f"before any training {statistics.fmean(x['initial_accuracy'] for x in sums):.3f} "
-                  "(means over seeds and methods).", "", *_table(rows), "",
-                  f"![accuracy vs round]({rel}/{task}_accuracy_vs_round.png) "
-                  f"![accuracy vs upload]({rel}/{task}_accuracy_vs_upload.png)"]
+        section, task_verdicts = _task_section(study, out, task, img)
+        lines += section
+        verdicts += task_verdicts
     if verdicts:
+        rule = (f"Paired over the {len(study.seeds)} seeds (same split and budgets; ± is the spread of the "
+                f"paired differences). **tie**: the mean gap is under {TIE}; **win**: FSLoRA ahead on "
+                "average and behind on no seed; **loss**: the reverse; **inconclusive**: the seeds disagree."
+                if len(study.seeds) > 1 else
+                f"One seed only: **ahead** / **behind** are single draws, not wins or losses (**tie**: a gap "
+                f"under {TIE}). Add seeds to the study file for a verdict.")
         lines += ["", "## Where FSLoRA wins, ties or loses", "",
-                  f"Paired over the {len(study.seeds)} seeds (same split and budgets; ± is the spread of the "
-                  f"paired differences). **tie**: the mean gap is under {TIE}; **win**: FSLoRA ahead on "
-                  "average and behind on no seed; **loss**: the reverse; **inconclusive**: the seeds "
-                  "disagree. `fullrank` is left out (it breaks the budgets).",
+                  rule + " `fullrank` is left out (it breaks the budgets).",
                   "", *(f"- {v}" for v in verdicts)]
     if study.ablations:
         names = _plot_ablations(study, out, img)
@@ -471,6 +456,37 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(lines).rstrip() + "\n")
     return report
+
+
+def _task_section(study: Study, out: Path, task: str, img: Path) -> tuple[list[str], list[str]]:
+    """One task's table and plots, and the verdict lines for the summary."""
+    rel = img.relative_to(img.parent.parent).as_posix()
+    verdicts: list[str] = []
+    results = task_results(study, out, task)
+    ours = next((r for r in results if r.method == "fslora"), None)
+    for png in ("accuracy_vs_round.png", "accuracy_vs_upload.png"):
+        shutil.copyfile(task_dir(out, task) / png, img / f"{task}_{png}")
+    rows = [("method", "lr", "accuracy mean ± std", *(f"seed {s}" for s in study.seeds),
+             "upload MB / client / round", "FSLoRA − method, paired: mean ± std (verdict)")]
+    for r in sorted(results, key=lambda r: -r.mean):
+        cmp = ""
+        if ours is not None and r is not ours:
+            v = verdict(ours, r)
+            cmp = f"{v.mean:+.3f} ± {v.std:.3f} ({v.word})"
+            if r.method != "fullrank":
+                verdicts.append(f"`{task}` vs `{r.method}`: **{v.word}** ({v.mean:+.3f} ± {v.std:.3f}; "
+                                f"FSLoRA ahead on {v.won}, behind on {v.lost} of {len(r.accs)} seeds)")
+        rows.append((r.method, f"{r.lr:g}", f"{r.mean:.3f} ± {r.std:.3f}", *(f"{a:.3f}" for a in r.accs),
+                     f"{r.upload_mb:.3g}", cmp))
+    sums = [json.loads((run_dir(task_dir(out, task), m, s) / SUMMARY).read_text())
+            for m in study.methods for s in study.seeds]
+    lines = ["", f"## Task `{task}`", "",
+              f"Majority-class accuracy {statistics.fmean(x['majority_accuracy'] for x in sums):.3f}; "
+              f"before any training {statistics.fmean(x['initial_accuracy'] for x in sums):.3f} "
+              "(means over seeds and methods).", "", *_table(rows), "",
+              f"![accuracy vs round]({rel}/{task}_accuracy_vs_round.png) "
+              f"![accuracy vs upload]({rel}/{task}_accuracy_vs_upload.png)"]
+    return lines, verdicts
 
 
 def _sweep_section(study: Study, out: Path, lrs: dict[str, float]) -> list[str]:
