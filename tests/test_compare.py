@@ -23,10 +23,12 @@ def test_compare_every_method_writes_table_plots_and_resumes(tiny_bert_dir, tmp_
     assert all(f"| {m} |" in md for m in STRATEGIES)
     for png in ("accuracy_vs_round.png", "accuracy_vs_upload.png"):
         assert (out / png).stat().st_size > 1000
-    # every method saw the same split and budgets
-    clients = {json.loads((out / f"{m}-seed0" / "clients.json").read_text())["num_examples"].__repr__()
-               for m in STRATEGIES}
-    assert len(clients) == 1
+    # every method saw the same split (row for row) and budgets; another seed draws another split
+    for seed in (0, 1):
+        clients = {(out / f"{m}-seed{seed}" / "clients.json").read_text() for m in STRATEGIES}
+        assert len(clients) == 1
+    splits = {json.loads((out / f"fslora-seed{s}" / "clients.json").read_text())["split_sha256"] for s in (0, 1)}
+    assert len(splits) == 2
     # resume: finished pairs are skipped (their metrics are not rewritten)
     stamp = {m: (out / f"{m}-seed1" / "metrics.jsonl").stat().st_mtime_ns for m in STRATEGIES}
     (out / "fslora-seed1" / "summary.json").unlink()  # as if killed before finishing

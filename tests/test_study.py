@@ -102,11 +102,22 @@ def test_study_runs_everything_and_writes_a_well_formed_report(tiny_study, tmp_p
         assert len(widths) == 1, table
     capsys.readouterr()
 
+    assert md.count("every method had the same client split and budgets (3 identical `clients.json`") == 2
+
     # resume: nothing reruns, the report regenerates identically
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.jsonl")}
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("metrics.jsonl")} == stamps
     assert report.read_text() == md
+    capsys.readouterr()
+
+    # a run that saw another split is refused, not tabled
+    clients = run_dir(task_dir(out, "beta"), "fedit", 1) / "clients.json"
+    info = json.loads(clients.read_text())
+    clients.write_text(json.dumps({**info, "split_sha256": "0" * 64}))
+    assert main([*args, "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert "task beta, seed 1: fedit ran on another split or budgets than fslora" in err and err.count("\n") == 1
 
 
 def test_runs_are_deterministic_per_seed(tiny_study, tmp_path):

@@ -4,6 +4,7 @@ and the federated split (clients + a held-out global test set)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import json
 from collections.abc import Iterator
@@ -189,6 +190,16 @@ def split_clients(ds: TextDataset, cfg: DataConfig, seed: int) -> tuple[list[np.
     if empty:
         raise ConfigError(f"data: clients {empty[:5]} received no examples; use fewer clients")
     return clients, test
+
+
+def split_fingerprint(clients: list[np.ndarray], test: np.ndarray) -> str:
+    """SHA-256 of every client's row indices and the held-out rows, in order: two runs with
+    the same fingerprint trained and were evaluated on exactly the same examples."""
+    h = hashlib.sha256()
+    for rows in [*clients, test]:
+        h.update(np.asarray(rows, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
 
 
 def train_batches(enc: Encoded, rows: np.ndarray, batch_size: int, steps: int,

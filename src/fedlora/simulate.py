@@ -30,6 +30,7 @@ from .data import (
     eval_batches,
     load_text_dataset,
     split_clients,
+    split_fingerprint,
     subsample,
     train_batches,
 )
@@ -197,7 +198,8 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     exp = exp or build_experiment(cfg)
     (out / "clients.json").write_text(json.dumps(
         {"budgets": exp.budgets, "num_examples": [len(c) for c in exp.data.clients],
-         "test_examples": len(exp.data.test), "labels": exp.data.label_names}, indent=1))
+         "test_examples": len(exp.data.test), "labels": exp.data.label_names,
+         "split_sha256": split_fingerprint(exp.data.clients, exp.data.test)}, indent=1))
     fed, rel = cfg.federation, cfg.reliability
     done = restore(exp, out) if done < 0 else 0
     if done == 0:

@@ -483,10 +483,25 @@ def _task_section(study: Study, out: Path, task: str, img: Path) -> tuple[list[s
     lines = ["", f"## Task `{task}`", "",
               f"Majority-class accuracy {statistics.fmean(x['majority_accuracy'] for x in sums):.3f}; "
               f"before any training {statistics.fmean(x['initial_accuracy'] for x in sums):.3f} "
-              "(means over seeds and methods).", "", *_table(rows), "",
+              f"(means over seeds and methods). {_same_clients(study, out, task)}", "", *_table(rows), "",
               f"![accuracy vs round]({rel}/{task}_accuracy_vs_round.png) "
               f"![accuracy vs upload]({rel}/{task}_accuracy_vs_upload.png)"]
     return lines, verdicts
+
+
+def _same_clients(study: Study, out: Path, task: str) -> str:
+    """Check, from each run's clients.json, that all methods of a seed had the same split and
+    budgets; say so in the report (a mismatch is an error, never a table)."""
+    for seed in study.seeds:
+        seen = {m: json.loads((run_dir(task_dir(out, task), m, seed) / "clients.json").read_text())
+                for m in study.methods}
+        first = study.methods[0]
+        odd = [m for m in study.methods if seen[m] != seen[first]]
+        if odd:
+            raise ConfigError(f"task {task}, seed {seed}: {odd[0]} ran on another split or budgets than {first} "
+                              f"(compare their clients.json in {task_dir(out, task)})")
+    return (f"Checked from the runs: within each seed, every method had the same client split and budgets "
+            f"({len(study.methods)} identical `clients.json` per seed).")
 
 
 def _sweep_section(study: Study, out: Path, lrs: dict[str, float]) -> list[str]:
