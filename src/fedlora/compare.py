@@ -145,12 +145,17 @@ def plot_curves(out: Path, methods: list[str], seeds: list[int]) -> None:
         n = min(len(c) for c in curves)
         rounds = [curves[0][i][0] for i in range(n)]
         mb = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
-        acc = [statistics.fmean(c[i][2] for c in curves) for i in range(n)]
-        ax_r.plot(rounds, acc, marker="o", label=m)
-        ax_b.plot(mb, acc, marker="o", label=m)
+        acc, spread = zip(*(_mean_std([c[i][2] for c in curves]) for i in range(n)))
+        for ax, xs in ((ax_r, rounds), (ax_b, mb)):
+            (line,) = ax.plot(xs, acc, marker="o", label=m)
+            if len(seeds) > 1:  # the seeds' spread: gaps inside it are not differences
+                ax.fill_between(xs, [a - s for a, s in zip(acc, spread)], [a + s for a, s in zip(acc, spread)],
+                                color=line.get_color(), alpha=0.12, linewidth=0)
+    title = f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
     for ax, xlabel in ((ax_r, "round"), (ax_b, "cumulative upload (MB, all clients)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("global test accuracy")
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig_r.tight_layout()
