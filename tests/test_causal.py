@@ -8,8 +8,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fedlora.causal import IGNORE, answer_logprobs, encode_pairs, multiple_choice_accuracy, rouge_l
+from fedlora.causal import (
+    IGNORE,
+    ChoiceQuestions,
+    answer_logprobs,
+    choice_logprobs,
+    choice_metrics,
+    encode_choices,
+    encode_pairs,
+    rouge_l,
+)
 from fedlora.cli import main
+from fedlora.config import ConfigError
 from fedlora.data import Encoded
 
 from .conftest import MINILM
@@ -73,26 +83,69 @@ class PrefersToken(torch.nn.Module):
         return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1).clone())
 
 
-def test_multiple_choice_picks_the_preferred_choice_and_matches_a_reference():
+def test_reference_scorer_sums_the_answer_tokens_log_probabilities():
     vocab, good = 50, 7
     model = PrefersToken(vocab, good)
-    # three questions x three single-token choices; the right one is token 7 at different places
     prompt = [3, 4, 5]
-    rows, labels = [], []
-    order = [[7, 8, 9], [8, 7, 9], [9, 8, 7]]
-    for q in order:
-        for c in q:
-            rows.append(prompt + [c])
-            labels.append([IGNORE] * len(prompt) + [c])
+    rows = [prompt + [c] for c in (7, 8, 9)]
+    labels = [[IGNORE] * len(prompt) + [c] for c in (7, 8, 9)]
     enc = Encoded(torch.tensor(rows), torch.ones(len(rows), 4, dtype=torch.long), torch.tensor(labels))
-    gold = torch.tensor([0, 1, 2])
-    assert multiple_choice_accuracy(model, enc, gold, num_choices=3, batch_size=4) == 1.0
-    # reference: plain summed log-probabilities, token by token
     logp = torch.log_softmax(model.logits, -1)
     got = answer_logprobs(model, enc.input_ids, enc.attention_mask, enc.labels)
     for i, row in enumerate(labels):
         ref = sum(logp[t].item() for t in row[1:] if t != IGNORE)
         assert got[i].item() == pytest.approx(ref, rel=1e-6)
+    assert got.argmax().item() == 0  # the favoured token's row
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.eos_token = "[SEP]"  # answers end with an end-of-text token, as with real chat models
+    return tok, AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+
+
+def test_shared_prompt_scoring_equals_scoring_every_full_row(tiny_llama):
+    tok, model = tiny_llama
+    prompts = ["is this good?", "a somewhat longer prompt about the weather we had today", "x",
+               "the end of the story was sad and long", "short one"]
+    answers = ["yes", "not at all", "perhaps a little bit"]  # 1, 3 and 4 tokens, plus end-of-text
+    gold = [0, 2, 1, 1, 2]
+    q = encode_choices(tok, prompts, answers, gold, max_length=64)
+    got = choice_logprobs(model, q, batch_size=2)  # prompts of unequal lengths; a last, partial batch
+    rows = encode_pairs(tok, [p for p in prompts for _ in answers], answers * len(prompts), 64)
+    ref = answer_logprobs(model, rows.input_ids, rows.attention_mask, rows.labels).view(len(prompts), len(answers))
+    assert ref.std() > 1.0  # the tiny model really prefers some answers to others
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    metrics = choice_metrics(got, q)
+    assert metrics["accuracy"] == pytest.approx((ref.argmax(1) == torch.tensor(gold)).float().mean().item())
+    tokens = [len(tok(a, add_special_tokens=False)["input_ids"]) + 1 for a in answers]
+    assert metrics["loss"] == pytest.approx(-sum(ref[i, g].item() for i, g in enumerate(gold))
+                                            / sum(tokens[g] for g in gold), rel=1e-4)
+
+
+def test_every_answer_sees_the_same_prompt_cut_from_the_left(tiny_llama):
+    tok, _ = tiny_llama
+    long_prompt = "one two three four five six seven eight nine ten eleven twelve"
+    answers = ["yes", "perhaps a little bit"]  # the longer one decides the room: 12 - 5 = 7 prompt tokens
+    q = encode_choices(tok, [long_prompt, "hi"], answers, [0, 1], max_length=12)
+    full = tok(long_prompt + "\n", add_special_tokens=False)["input_ids"]
+    assert q.prompts.input_ids[0].tolist() == full[-7:]
+    assert int(q.prompts.attention_mask[1].sum()) == len(tok("hi\n", add_special_tokens=False)["input_ids"])
+    assert q.gold.tolist() == [0, 1]
+    with pytest.raises(ConfigError, match="model.max_length: 5 tokens leave no room"):
+        encode_choices(tok, ["hi"], answers, [0], max_length=5)
+
+
+def test_choice_metrics_pick_the_best_scored_answer():
+    tok_counts = ChoiceQuestions(Encoded(torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1, dtype=torch.long),
+                                         torch.tensor([0, 1, 1])), [[5], [6, 7]])
+    scores = torch.tensor([[-1.0, -2.0], [-3.0, -0.5], [-0.1, -4.0]])
+    m = choice_metrics(scores, tok_counts)
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert m["loss"] == pytest.approx((1.0 + 0.5 + 4.0) / (1 + 2 + 2))
 
 
 def test_rouge_l():

@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from .partition import (
     stratified_holdout,
 )
 from .seeding import numpy_rng
+
+if TYPE_CHECKING:
+    from .causal import ChoiceQuestions
 
 BUILTIN_DATA = {
     # 38,158 labelled tweets/reviews (negative/neutral/positive), shipped in the MIT-licensed
@@ -71,9 +75,8 @@ class FederatedData:
     clients: list[np.ndarray]  # row indices per client
     test: np.ndarray  # row indices of the global held-out set
     label_names: list[str]
-    # causal-lm: every test prompt followed by each label, num_labels rows per question
-    choices: Encoded | None = None
-    gold: Tensor | None = None  # (num_test,) index of the right label
+    # causal-lm: the test prompts as multiple-choice questions over the label words
+    questions: ChoiceQuestions | None = None
 
     @property
     def num_labels(self) -> int:

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .budgets import client_budgets
-from .causal import encode_pairs, multiple_choice_accuracy
+from .causal import choice_logprobs, choice_metrics, encode_choices, encode_pairs
 from .checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from .client import evaluate_classification, local_train
 from .config import ConfigError, RunConfig, to_toml
@@ -74,10 +74,9 @@ def build_data(cfg: RunConfig, ds: TextDataset, tokenizer) -> FederatedData:
     except (KeyError, IndexError) as e:
         raise ConfigError(f"data.prompt_template: unknown field {e}; use {{text}} and {{labels}}") from None
     encoded = encode_pairs(tokenizer, prompts, [names[y] for y in ds.labels], cfg.model.max_length)
-    choices = encode_pairs(tokenizer, [prompts[i] for i in test for _ in names],
-                           [n for _ in test for n in names], cfg.model.max_length)
-    return FederatedData(encoded=encoded, clients=clients, test=test, label_names=names,
-                         choices=choices, gold=torch.as_tensor(ds.labels[test]))
+    questions = encode_choices(tokenizer, [prompts[i] for i in test], names, ds.labels[test].tolist(),
+                               cfg.model.max_length)
+    return FederatedData(encoded=encoded, clients=clients, test=test, label_names=names, questions=questions)
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:
@@ -111,16 +110,13 @@ def train_client(exp: Experiment, rnd: int, cid: int, task) -> ClientUpdate:
 def evaluate_global(exp: Experiment) -> dict[str, float]:
     """Accuracy and loss of the global model on the held-out set (for a causal LM: accuracy
     of picking the right label by log-likelihood, and the answer-token loss)."""
-    batches = eval_batches(exp.data.encoded, exp.data.test, exp.cfg.federation.eval_batch_size)
-    if exp.data.choices is None:
+    if exp.data.questions is None:
+        batches = eval_batches(exp.data.encoded, exp.data.test, exp.cfg.federation.eval_batch_size)
         return evaluate_classification(exp.lm, exp.server.global_task(), batches)
     exp.lm.load(exp.server.global_task())
     exp.lm.model.eval()
-    with torch.no_grad():
-        losses = [(exp.lm.model(**b).loss.item(), len(b["labels"])) for b in batches]
-    acc = multiple_choice_accuracy(exp.lm.model, exp.data.choices, exp.data.gold, exp.data.num_labels,
-                                   exp.cfg.federation.eval_batch_size)
-    return {"accuracy": acc, "loss": sum(x * n for x, n in losses) / sum(n for _, n in losses)}
+    scores = choice_logprobs(exp.lm.model, exp.data.questions, exp.cfg.federation.eval_batch_size)
+    return choice_metrics(scores, exp.data.questions)
 
 
 class ClientFault(RuntimeError):
@@ -228,7 +224,8 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
                         acc=f"{last_eval['accuracy']:.3f}")
     save_peft_adapter(exp.server.global_task(), out / "adapter",
                       resolve_model_path(cfg.model), cfg.strategy.alpha)
-    test_labels = exp.data.gold if exp.data.gold is not None else exp.data.encoded.labels[exp.data.test]
+    questions = exp.data.questions
+    test_labels = questions.gold if questions is not None else exp.data.encoded.labels[exp.data.test]
     majority = float(np.bincount(test_labels.numpy()).max() / len(exp.data.test))
     summary = {"initial_accuracy": initial["accuracy"], "final_accuracy": last_eval["accuracy"],
                "final_loss": last_eval["loss"], "majority_accuracy": majority,
