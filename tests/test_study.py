@@ -170,6 +170,14 @@ def test_a_study_without_a_sweep_keeps_each_tasks_rate(tiny_study, tmp_path, cap
     assert main(["study", str(tiny_study), "--out", str(out), "--report", str(report), "--quiet"]) == 0
     md = report.read_text()
     assert "No sweep in this study" in md and "## Ablations" not in md
+    # one seed: no spreads (a std of one draw is meaningless), single-draw words, the test set's resolution
+    section = md.split("## Task `alpha`")[1].split("\n## ")[0]
+    assert "| accuracy (seed 3) |" in section
+    assert not [line for line in section.splitlines() if line.startswith("|") and "±" in line]
+    verdict_line = next(line for line in md.splitlines() if line.startswith("- `alpha` vs `ffa`"))
+    assert "±" not in verdict_line and re.search(r"\*\*(ahead|behind|tie)\*\* \([+-]\d\.\d{3}; seed 3\)",
+                                                   verdict_line)
+    assert re.search(r"Resolution: 60 held-out examples, so one example is worth 0\.0167", md)
     task_lr = load_study(tiny_study).task_config("alpha").train.lr
     for m in ("fslora", "ffa"):
         cfg = (run_dir(task_dir(out, "alpha"), m, 3) / "config.toml").read_text()

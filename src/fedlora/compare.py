@@ -129,6 +129,7 @@ def plot_curves(out: Path, methods: list[str], seeds: list[int]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig_r, ax_r = plt.subplots(figsize=(6, 4))
     fig_b, ax_b = plt.subplots(figsize=(6, 4))
@@ -151,6 +152,7 @@ def plot_curves(out: Path, methods: list[str], seeds: list[int]) -> None:
             if len(seeds) > 1:  # the seeds' spread: gaps inside it are not differences
                 ax.fill_between(xs, [a - s for a, s in zip(acc, spread)], [a + s for a, s in zip(acc, spread)],
                                 color=line.get_color(), alpha=0.12, linewidth=0)
+    ax_r.xaxis.set_major_locator(MaxNLocator(integer=True))
     title = f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
     for ax, xlabel in ((ax_r, "round"), (ax_b, "cumulative upload (MB, all clients)")):
         ax.set_xlabel(xlabel)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -25,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compare import SUMMARY, compare, run_dir
+from .compare import SUMMARY, compare, plot_curves, run_dir
 from .config import ConfigError, RunConfig, load_config, read_toml
 from .strategies import STRATEGIES
 
@@ -416,7 +417,8 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
         "",
         *_table(_setup_rows(study)),
         "",
-        f"Seeds {', '.join(map(str, study.seeds))}: the seed fixes the client split, the budgets' "
+        f"Seed{'s' if len(study.seeds) > 1 else ''} {', '.join(map(str, study.seeds))}: "
+        "the seed fixes the client split, the budgets' "
         "assignment, the held-out sample, initialisation and batches, and is the same for every method. "
         "Methods: `fslora` sketches a k_i-sized block of the global rank-r pair per client per round; "
         "`flexlora` trains rank k_i and gets the SVD truncation of the averaged product; `hetlora` zero-pads "
@@ -446,11 +448,9 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
         for a, name in zip(study.ablations, names):
             accs = [[final_accuracy(run_dir(variant_dir(out, a, v), a.method, s)) for s in study.seeds]
                     for v in a.variants]
-            rows = [(a.x_label, "accuracy mean ± std", *(f"seed {s}" for s in study.seeds), "settings")]
+            rows = [(a.x_label, *_accuracy_headers(study.seeds), "settings")]
             for v, acc in zip(a.variants, accs):
-                sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-                rows.append((v.label, f"{statistics.fmean(acc):.3f} ± {sd:.3f}", *(f"{x:.3f}" for x in acc),
-                             "`" + " ".join(v.overrides) + "`"))
+                rows.append((v.label, *_accuracy_cells(acc), "`" + " ".join(v.overrides) + "`"))
             lines += [f"### {a.title} (`{a.method}`, task `{a.task}`)", "", *_table(rows), "",
                       *([a.note, ""] if a.note else []), f"![{a.name}]({rel}/{name})", ""]
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -464,29 +464,49 @@ def _task_section(study: Study, out: Path, task: str, img: Path) -> tuple[list[s
     verdicts: list[str] = []
     results = task_results(study, out, task)
     ours = next((r for r in results if r.method == "fslora"), None)
+    plot_curves(task_dir(out, task), study.methods, study.seeds)  # redrawn from the runs, like the tables
     for png in ("accuracy_vs_round.png", "accuracy_vs_upload.png"):
         shutil.copyfile(task_dir(out, task) / png, img / f"{task}_{png}")
-    rows = [("method", "lr", "accuracy mean ± std", *(f"seed {s}" for s in study.seeds),
-             "upload MB / client / round", "FSLoRA − method, paired: mean ± std (verdict)")]
+    paired = len(study.seeds) > 1
+    rows = [("method", "lr", *_accuracy_headers(study.seeds), "upload MB / client / round",
+             "FSLoRA − method, paired: mean ± std (verdict)" if paired else "FSLoRA − method")]
     for r in sorted(results, key=lambda r: -r.mean):
         cmp = ""
         if ours is not None and r is not ours:
             v = verdict(ours, r)
-            cmp = f"{v.mean:+.3f} ± {v.std:.3f} ({v.word})"
+            gap = f"{v.mean:+.3f} ± {v.std:.3f}" if paired else f"{v.mean:+.3f}"
+            cmp = f"{gap} ({v.word})"
             if r.method != "fullrank":
-                verdicts.append(f"`{task}` vs `{r.method}`: **{v.word}** ({v.mean:+.3f} ± {v.std:.3f}; "
-                                f"FSLoRA ahead on {v.won}, behind on {v.lost} of {len(r.accs)} seeds)")
-        rows.append((r.method, f"{r.lr:g}", f"{r.mean:.3f} ± {r.std:.3f}", *(f"{a:.3f}" for a in r.accs),
-                     f"{r.upload_mb:.3g}", cmp))
+                verdicts.append(f"`{task}` vs `{r.method}`: **{v.word}** ({gap}; " + (
+                    f"FSLoRA ahead on {v.won}, behind on {v.lost} of {len(r.accs)} seeds)" if paired
+                    else f"seed {study.seeds[0]})"))
+        rows.append((r.method, f"{r.lr:g}", *_accuracy_cells(r.accs), f"{r.upload_mb:.3g}", cmp))
     sums = [json.loads((run_dir(task_dir(out, task), m, s) / SUMMARY).read_text())
             for m in study.methods for s in study.seeds]
+    n_test = json.loads((run_dir(task_dir(out, task), study.methods[0], study.seeds[0]) / "clients.json")
+                        .read_text())["test_examples"]
+    p = statistics.fmean(x["final_accuracy"] for x in sums)
     lines = ["", f"## Task `{task}`", "",
               f"Majority-class accuracy {statistics.fmean(x['majority_accuracy'] for x in sums):.3f}; "
               f"before any training {statistics.fmean(x['initial_accuracy'] for x in sums):.3f} "
-              f"(means over seeds and methods). {_same_clients(study, out, task)}", "", *_table(rows), "",
+              f"(means over seeds and methods). {_same_clients(study, out, task)} "
+              f"Resolution: {n_test} held-out examples, so one example is worth {1 / n_test:.4f}, and an "
+              f"accuracy near {p:.2f} has a sampling error of ±{math.sqrt(p * (1 - p) / n_test):.3f} "
+              "(one standard error) on top of the spread between seeds.", "", *_table(rows), "",
               f"![accuracy vs round]({rel}/{task}_accuracy_vs_round.png) "
               f"![accuracy vs upload]({rel}/{task}_accuracy_vs_upload.png)"]
     return lines, verdicts
+
+
+def _accuracy_headers(seeds: list[int]) -> list[str]:
+    return ["accuracy mean ± std", *(f"seed {s}" for s in seeds)] if len(seeds) > 1 else [f"accuracy (seed {seeds[0]})"]
+
+
+def _accuracy_cells(accs: list[float]) -> list[str]:
+    """Mean ± std and every seed's value; one seed's value alone (a spread of one draw means nothing)."""
+    if len(accs) == 1:
+        return [f"{accs[0]:.3f}"]
+    return [f"{statistics.fmean(accs):.3f} ± {statistics.stdev(accs):.3f}", *(f"{a:.3f}" for a in accs)]
 
 
 def _same_clients(study: Study, out: Path, task: str) -> str:
