@@ -91,6 +91,9 @@ def test_study_runs_everything_and_writes_a_well_formed_report(tiny_study, tmp_p
                 acc = json.loads((run_dir(task_dir(out, task), m, seed) / "summary.json").read_text())
                 assert f"{acc['final_accuracy']:.3f}" in row
     assert "## Where FSLoRA wins, ties or loses" in md
+    # with two rates every choice is at an edge of the grid: the report says the grid may be too narrow
+    assert md.count(" (edge) |") == 3
+    assert "**(edge)**: `fslora`, `flexlora`, `fedit` chose the smallest or largest" in md
     assert md.count("`alpha` vs `") == 2 and md.count("`beta` vs `") == 2
     assert "### k of r = 8" in md and "`budgets.ranks=[2]`" in md
     for png in ["alpha_accuracy_vs_round.png", "beta_accuracy_vs_upload.png", "ablation_ratio.png"]:

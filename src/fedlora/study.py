@@ -539,13 +539,18 @@ def _sweep_section(study: Study, out: Path, lrs: dict[str, float]) -> list[str]:
         "",
     ]
     grid = [("method", *(f"lr={lr:g}" for lr in study.lrs), "chosen")]
+    edges = (min(study.lrs), max(study.lrs)) if len(study.lrs) > 1 else ()
     for m in study.methods:
         cells = []
         for lr in study.lrs:
             acc = final_accuracy(run_dir(sweep_dir(out, lr), m, study.sweep_seed))
             cells.append(f"**{acc:.3f}**" if lr == lrs[m] else f"{acc:.3f}")
-        grid.append((m, *cells, f"{lrs[m]:g}"))
-    return lines + _table(grid)
+        grid.append((m, *cells, f"{lrs[m]:g}" + (" (edge)" if lrs[m] in edges else "")))
+    at_edge = [m for m in study.methods if lrs[m] in edges]
+    note = (["", f"**(edge)**: {', '.join(f'`{m}`' for m in at_edge)} chose the smallest or largest rate of the "
+             "grid, so a rate outside it may do better: widen `sweep.lrs` before reading much into "
+             f"{'its' if len(at_edge) == 1 else 'their'} results."] if at_edge else [])
+    return lines + _table(grid) + note
 
 
 def _display(path: Path) -> str:
