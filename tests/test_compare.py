@@ -4,6 +4,7 @@ import csv
 import json
 
 from fedlora.cli import main
+from fedlora.compare import write_report
 from fedlora.strategies import STRATEGIES
 
 from .conftest import tiny_overrides
@@ -36,6 +37,9 @@ def test_compare_every_method_writes_table_plots_and_resumes(tiny_bert_dir, tmp_
     for m in STRATEGIES:
         changed = (out / f"{m}-seed1" / "metrics.jsonl").stat().st_mtime_ns != stamp[m]
         assert changed == (m == "fslora"), m
+    # a table of one seed shows each value alone: a spread of one draw would be a made-up ± 0.000
+    one_seed = write_report(out, list(STRATEGIES), [0]).read_text()
+    assert "±" not in one_seed and all(f"| {m} |" in one_seed for m in STRATEGIES)
 
 
 def test_compare_rejects_unknown_method(tiny_bert_dir, tmp_path, capsys):

@@ -110,13 +110,15 @@ def write_report(out: Path, methods: list[str], seeds: list[int]) -> Path:
         w.writerows(rows)
     lines = [
         f"Seeds: {', '.join(map(str, seeds))}. Accuracy on the global held-out set after the last "
-        "round (mean ± std over seeds); traffic summed over all rounds and clients (mean over seeds).",
+        f"round{' (mean ± std over seeds)' if len(seeds) > 1 else ''}; traffic summed over all rounds and "
+        f"clients{' (mean over seeds)' if len(seeds) > 1 else ''}.",
         "",
         "| method | lr | final accuracy | upload (MB) | download (MB) | wall time (s) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['lr']:g} | {r['final_accuracy_mean']:.3f} ± {r['final_accuracy_std']:.3f} "
+        spread = f" ± {r['final_accuracy_std']:.3f}" if len(seeds) > 1 else ""  # no spread of one draw
+        lines.append(f"| {r['method']} | {r['lr']:g} | {r['final_accuracy_mean']:.3f}{spread} "
                      f"| {r['upload_MB']:.2f} | {r['download_MB']:.2f} | {r['wall_time_s']:.0f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot_curves(out, methods, seeds)
