@@ -59,10 +59,11 @@ def encode_choices(tokenizer, prompts: Sequence[str], answers: Sequence[str], go
     """Prompts cut from the left so that each fits with the longest answer: every answer of a
     question is scored after the very same prompt tokens."""
     answer_ids = [_answer_ids(tokenizer, a) for a in answers]
-    room = max_length - max(len(a) for a in answer_ids)
+    longest = max(len(a) for a in answer_ids)
+    room = max_length - longest
     if room < 1:
         raise ConfigError(f"model.max_length: {max_length} tokens leave no room for a prompt before the "
-                          f"longest answer ({room + max_length - 1} tokens with its end-of-text)")
+                          f"longest answer ({longest} tokens with its end-of-text)")
     ids, mask = _right_pad([_prompt_ids(tokenizer, p, room) for p in prompts], _pad_id(tokenizer))
     return ChoiceQuestions(Encoded(ids, mask, torch.as_tensor(list(gold), dtype=torch.long)), answer_ids)
 
@@ -113,6 +114,7 @@ def choice_logprobs(model, questions: ChoiceQuestions, batch_size: int = 16) -> 
     ``1 / C`` of the cost.
     """
     prompts, out = questions.prompts, []
+    cache_argument = _cache_argument(model)
     for start in range(0, len(prompts), batch_size):
         b = prompts.batch(torch.arange(start, min(start + batch_size, len(prompts))))
         ids, mask = b["input_ids"], b["attention_mask"]
@@ -128,7 +130,7 @@ def choice_logprobs(model, questions: ChoiceQuestions, batch_size: int = 16) -> 
                 k = len(a) - 1
                 cont = model(input_ids=a[:-1].expand(n, k), attention_mask=torch.cat([mask, mask.new_ones(n, k)], 1),
                              position_ids=lengths[:, None] + torch.arange(k),
-                             use_cache=True, **{_cache_argument(model): copy.deepcopy(cache)})
+                             use_cache=True, **{cache_argument: copy.deepcopy(cache)})
                 logp = torch.log_softmax(cont.logits.float(), -1)  # (n, k, V)
                 score = score + logp.gather(-1, a[1:].expand(n, k).unsqueeze(-1)).squeeze(-1).sum(1)
             scores.append(score)
