@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,16 +34,14 @@ def full_rows(model, tokenizer, prompts, answers, gold, max_length, batch_size) 
     rows = encode_pairs(tokenizer, [p for p in prompts for _ in answers], list(answers) * len(prompts), max_length)
     gold_rows = encode_pairs(tokenizer, prompts, [answers[g] for g in gold], max_length)
     with torch.no_grad():
-        scores = torch.cat([answer_logprobs(model, **{k: v for k, v in rows.batch(torch.arange(s, min(s + batch_size,
-                                                                                                  len(rows)))).items()
-                                                      if k in ("input_ids", "attention_mask", "labels")})
+        scores = torch.cat([answer_logprobs(model, **rows.batch(torch.arange(s, min(s + batch_size, len(rows)))))
                             for s in range(0, len(rows), batch_size)])
         for s in range(0, len(gold_rows), batch_size):
             model(**gold_rows.batch(torch.arange(s, min(s + batch_size, len(gold_rows)))))
     return scores.view(len(prompts), len(answers))
 
 
-def load(quick: bool, tmp: Path):
+def load(quick: bool):
     """(model, tokenizer, prompts, answers, gold, max_length, batch size)."""
     from fedlora.config import load_config
     from fedlora.data import load_text_dataset, split_clients, subsample
@@ -80,8 +77,7 @@ def main() -> int:
     args = ap.parse_args()
     from fedlora.causal import choice_logprobs, encode_choices
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model, tok, prompts, answers, gold, max_length, batch = load(args.quick, Path(tmp))
+    model, tok, prompts, answers, gold, max_length, batch = load(args.quick)
     torch.set_grad_enabled(False)
     questions = encode_choices(tok, prompts, answers, gold, max_length)
     times: dict[str, list[float]] = {"full rows": [], "shared prompt": []}

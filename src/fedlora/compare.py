@@ -83,7 +83,8 @@ def load_metrics(d: Path) -> list[dict]:
     return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
@@ -92,7 +93,7 @@ def write_report(out: Path, methods: list[str], seeds: list[int]) -> Path:
     for m in methods:
         runs = [load_metrics(run_dir(out, m, s)) for s in seeds]
         sums = [json.loads((run_dir(out, m, s) / SUMMARY).read_text()) for s in seeds]
-        acc_mean, acc_std = _mean_std([s["final_accuracy"] for s in sums])
+        acc_mean, acc_std = mean_std([s["final_accuracy"] for s in sums])
         lr = read_toml(run_dir(out, m, seeds[0]) / "config.toml")["train"]["lr"]
         rows.append({
             "method": m,
@@ -148,7 +149,7 @@ def plot_curves(out: Path, methods: list[str], seeds: list[int]) -> None:
         n = min(len(c) for c in curves)
         rounds = [curves[0][i][0] for i in range(n)]
         mb = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
-        acc, spread = zip(*(_mean_std([c[i][2] for c in curves]) for i in range(n)))
+        acc, spread = zip(*(mean_std([c[i][2] for c in curves]) for i in range(n)))
         for ax, xs in ((ax_r, rounds), (ax_b, mb)):
             (line,) = ax.plot(xs, acc, marker="o", label=m)
             if len(seeds) > 1:  # the seeds' spread: gaps inside it are not differences

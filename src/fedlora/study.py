@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compare import SUMMARY, compare, plot_curves, run_dir
+from .compare import SUMMARY, compare, mean_std, plot_curves, run_dir
 from .config import ConfigError, RunConfig, load_config, read_toml
 from .strategies import STRATEGIES
 
@@ -506,7 +506,8 @@ def _accuracy_cells(accs: list[float]) -> list[str]:
     """Mean ± std and every seed's value; one seed's value alone (a spread of one draw means nothing)."""
     if len(accs) == 1:
         return [f"{accs[0]:.3f}"]
-    return [f"{statistics.fmean(accs):.3f} ± {statistics.stdev(accs):.3f}", *(f"{a:.3f}" for a in accs)]
+    mean, std = mean_std(accs)
+    return [f"{mean:.3f} ± {std:.3f}", *(f"{a:.3f}" for a in accs)]
 
 
 def _same_clients(study: Study, out: Path, task: str) -> str:
