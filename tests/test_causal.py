@@ -8,19 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fedlora.causal import (
-    IGNORE,
-    ChoiceQuestions,
-    answer_logprobs,
-    choice_logprobs,
-    choice_metrics,
-    encode_choices,
-    encode_pairs,
-    rouge_l,
-)
 from fedlora.cli import main
 from fedlora.config import ConfigError
-from fedlora.data import Encoded
+from fedlora.encoding import IGNORE, ChoiceQuestions, Encoded, encode_choices, encode_pairs
+from fedlora.evaluate import answer_logprobs, choice_logprobs, choice_metrics, rouge_l
 
 from .conftest import MINILM
 

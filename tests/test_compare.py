@@ -5,7 +5,7 @@ import json
 
 from fedlora.cli import main
 from fedlora.compare import write_report
-from fedlora.strategies import STRATEGIES
+from fedlora.strategies import METHODS as STRATEGIES
 
 from .conftest import tiny_overrides
 

@@ -1,6 +1,6 @@
 import pytest
 
-from fedlora.cli import default_config_path
+from fedlora.config import default_config_path
 from fedlora.config import ConfigError, load_config, parse_override
 
 

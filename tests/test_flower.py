@@ -10,23 +10,26 @@ from safetensors.torch import load_file
 
 pytest.importorskip("flwr")
 
-from fedlora.cli import default_config_path  # noqa: E402
+from fedlora.config import default_config_path  # noqa: E402
 from fedlora.config import load_config  # noqa: E402
 from fedlora.flower import client_app, codec  # noqa: E402
 from fedlora.flower.inprocess import InProcessGrid  # noqa: E402
 from fedlora.flower.server_app import GridRounds  # noqa: E402
-from fedlora.simulate import build_experiment, run  # noqa: E402
+from fedlora.experiment import build_experiment  # noqa: E402
+from fedlora.flower.run_config import NODE_BUDGET, NODE_PARTITION, RUN_CONFIG_FILE, RUN_OVERRIDES, config_from_run_config  # noqa: E402
+from fedlora.runner import run  # noqa: E402
+from fedlora.simulate import simulate_round  # noqa: E402
 from fedlora.types import ClientTask, ClientUpdate, Factors, tensors_of  # noqa: E402
 
 from .conftest import tiny_overrides  # noqa: E402
 
 
 def flower_run(overrides, num_nodes, budgets=None, on_round=None):
-    run_config = {codec.RUN_CONFIG_FILE: "", codec.RUN_OVERRIDES: shlex.join(overrides)}
-    node_configs = [{codec.NODE_PARTITION: i, **({codec.NODE_BUDGET: budgets[i]} if budgets else {})}
+    run_config = {RUN_CONFIG_FILE: "", RUN_OVERRIDES: shlex.join(overrides)}
+    node_configs = [{NODE_PARTITION: i, **({NODE_BUDGET: budgets[i]} if budgets else {})}
                     for i in range(num_nodes)]
     grid = InProcessGrid(client_app.app, node_configs, run_config)
-    cfg = codec.config_from_run_config(run_config)
+    cfg = config_from_run_config(run_config)
     rounds = GridRounds(grid, min_nodes=num_nodes, round_timeout=30)
 
     def round_fn(exp, rnd):
@@ -35,7 +38,7 @@ def flower_run(overrides, num_nodes, budgets=None, on_round=None):
         return rounds(exp, rnd)
 
     exp = build_experiment(cfg)
-    summary = run(cfg, overwrite=True, progress=False, exp=exp, round_fn=round_fn)
+    summary = run(cfg, round_fn, overwrite=True, progress=False, exp=exp)
     return exp, summary
 
 
@@ -45,7 +48,7 @@ def test_flower_run_equals_the_simulator(tiny_bert_dir, tmp_path, strategy):
     kw = dict(strategy__name=strategy, federation__fraction=0.75)
     # the same base as the Flower run config with no file: the built-in default config
     sim_cfg = load_config(default_config_path(), tiny_overrides(tiny_bert_dir, sim_out, **kw))
-    run(sim_cfg, progress=False)
+    run(sim_cfg, simulate_round, progress=False)
     flower_run(tiny_overrides(tiny_bert_dir, fl_out, **kw), num_nodes=4)
     a = load_file(str(sim_out / "adapter/adapter_model.safetensors"))
     b = load_file(str(fl_out / "adapter/adapter_model.safetensors"))
@@ -68,7 +71,7 @@ def test_node_budgets_come_from_node_config(tiny_bert_dir, tmp_path):
 def test_failing_and_vanished_nodes_are_dropped_and_named(tiny_bert_dir, tmp_path, caplog):
     def faults(grid, rnd, exp):
         if rnd == 2:  # node 1001 (client 1) starts failing: its app raises on every message
-            grid.contexts[1001].node_config[codec.NODE_PARTITION] = 10_000
+            grid.contexts[1001].node_config[NODE_PARTITION] = 10_000
         if rnd == 3:  # node 1002 (client 2) disappears; the SuperLink reports node 1003 (client 3)
             grid.offline.add(1002)  # unavailable (an error sent by node 1, not by 1003);
             grid.unreachable.add(1003)  # node 1004 (client 4) takes the task and never answers
@@ -108,19 +111,19 @@ def test_codec_round_trips_tasks_and_updates():
     g = torch.Generator().manual_seed(0)
     f = {"enc.layer.0.q": Factors(torch.randn(3, 5, generator=g), torch.randn(4, 3, generator=g))}
     d = {"enc.layer.0.q": Factors(torch.randn(2, 5, generator=g), torch.randn(4, 2, generator=g))}
-    task = ClientTask(factors=f, scale=0.75, train_A=False, base_delta=d,
+    task = ClientTask(factors=f, scale=0.75, freeze_A=True, base_delta=d, fingerprint="abc",
                       head={"classifier.weight": torch.randn(3, 4, generator=g)},
-                      config={"fingerprint": "abc", "sketch_ratio": 0.5})
+                      config={"sketch_ratio": 0.5})
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     rnd, back = codec.decode_task(codec.encode_task(task, 7))
-    assert rnd == 7 and back.scale == 0.75 and back.train_A is False and back.config == task.config
+    assert rnd == 7 and back.scale == 0.75 and back.freeze_A is True and back.config == task.config and back.fingerprint == "abc"
     for n in f:
         assert torch.equal(back.factors[n].A, f[n].A) and torch.equal(back.base_delta[n].B, d[n].B)
     assert torch.equal(back.head["classifier.weight"], task.head["classifier.weight"])
     upd = ClientUpdate(factors={n: Factors(x.A, x.B + 1) for n, x in f.items()}, num_examples=9,
-                       head=task.head, metrics={"train_loss": 0.5}, fingerprint="abc", frozen_A=True)
+                       head=task.head, metrics={"train_loss": 0.5}, fingerprint="abc", freeze_A=True)
     enc = codec.encode_update(upd)
     assert not any(k.endswith(".A") for k in enc.array_records[codec.ARRAYS].keys())  # A not sent
     got = codec.decode_update(enc, task)

@@ -50,7 +50,7 @@ def test_frozen_A_and_base_delta():
     lm = LoRAModel(TinyRegressor(), ["up", "down"])
     f = {"up": Factors(torch.randn(2, 6), torch.randn(5, 2)), "down": Factors(torch.randn(2, 5), torch.randn(4, 2))}
     delta = {"up": Factors(torch.randn(3, 6), torch.randn(5, 3))}
-    lm.load(ClientTask(factors=f, scale=0.0, train_A=False, base_delta=delta))
+    lm.load(ClientTask(factors=f, scale=0.0, freeze_A=True, base_delta=delta))
     assert not lm.layers["up"].lora_A.requires_grad and lm.layers["up"].lora_B.requires_grad
     x = torch.randn(4, 6)
     torch.testing.assert_close(lm.model.up(x), lm.model.up.base(x) + x @ (delta["up"].B @ delta["up"].A).T)

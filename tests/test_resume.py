@@ -22,7 +22,8 @@ from fedlora.checkpoint import (
 )
 from fedlora.cli import main
 from fedlora.config import load_config
-from fedlora.simulate import build_experiment, simulate_round
+from fedlora.experiment import build_experiment
+from fedlora.simulate import simulate_round
 
 from .conftest import tiny_overrides
 
@@ -113,7 +114,7 @@ def test_client_dropout_equals_aggregating_survivors_only(tiny_bert_dir, tmp_pat
         exp.server.load_state_dict(before)
         survivors = [c for c in range(6) if c not in lost]
         tasks = exp.server.configure(rnd, list(range(6)))
-        from fedlora.simulate import train_client
+        from fedlora.experiment import train_client
         updates = {c: train_client(exp, rnd, c, tasks[c]) for c in survivors}
         exp.server.aggregate(rnd, {c: tasks[c] for c in survivors}, updates)
         replay = exp.server.state_dict()

@@ -7,7 +7,7 @@ import torch
 
 from fedlora import state as S
 from fedlora.config import ConfigError, PrivacyConfig, load_config
-from fedlora.robust import change_norm_sq, clip_update, product_norm_sq, update_norm
+from fedlora.clipping import change_norm_sq, clip_update, product_norm_sq, update_norm
 from fedlora.server import FederatedServer
 from fedlora.strategies.fslora import FSLoRA
 from fedlora.types import ClientTask, ClientUpdate, Factors

@@ -8,7 +8,9 @@ import torch
 
 from fedlora.cli import main
 from fedlora.config import load_config
-from fedlora.simulate import build_experiment, run
+from fedlora.experiment import build_experiment
+from fedlora.runner import run
+from fedlora.simulate import simulate_round
 
 from .conftest import tiny_overrides
 
@@ -57,7 +59,7 @@ def test_exported_adapter_loads_in_peft_with_identical_logits(tiny_bert_dir, tmp
     out = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(tiny_bert_dir, out))
     exp = build_experiment(cfg)
-    run(cfg, progress=False, exp=exp)  # exp now holds the trained global state
+    run(cfg, simulate_round, progress=False, exp=exp)  # exp now holds the trained global state
     base = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_dir), num_labels=3)
     peft_model = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()
     batch = exp.data.encoded.batch(exp.data.test[:8])

@@ -6,8 +6,10 @@ import torch
 from safetensors.torch import save
 
 from fedlora import state as S
-from fedlora.config import StrategyConfig
-from fedlora.strategies import STRATEGIES, build_strategy
+from fedlora.strategies import METHODS as STRATEGIES
+from fedlora.strategies import build_strategy
+from fedlora.strategies.flexlora import FlexLoRASettings
+from fedlora.strategies.hetlora import HetLoRASettings
 from fedlora.types import ClientSpec, ClientUpdate, Factors, payload_nbytes, tensors_of
 
 SHAPES = {"q": (9, 7), "v": (6, 11)}
@@ -16,9 +18,8 @@ EXAMPLES = [10, 70, 5, 15]
 SPECS = [ClientSpec(cid=i, budget=b, num_examples=n) for i, (b, n) in enumerate(zip(BUDGETS, EXAMPLES))]
 
 
-def build(name, **kw):
-    cfg = StrategyConfig(name=name, global_rank=6, alpha=4.0, **kw)
-    return build_strategy(cfg, SHAPES, BUDGETS, seed=0)
+def build(name, settings=None):
+    return build_strategy(name, SHAPES, BUDGETS, seed=0, global_rank=6, alpha=4.0, settings=settings)
 
 
 def train(tasks, seed=0):
@@ -28,10 +29,10 @@ def train(tasks, seed=0):
     for cid, t in tasks.items():
         f = {}
         for n, x in t.factors.items():
-            A = x.A.double() + (torch.randn(x.A.shape, generator=g, dtype=torch.float64) if t.train_A else 0)
+            A = x.A.double() + (torch.randn(x.A.shape, generator=g, dtype=torch.float64) if not t.freeze_A else 0)
             B = x.B.double() + torch.randn(x.B.shape, generator=g, dtype=torch.float64)
             f[n] = Factors(A=A, B=B)
-        out[cid] = ClientUpdate(factors=f, num_examples=EXAMPLES[cid], frozen_A=not t.train_A)
+        out[cid] = ClientUpdate(factors=f, num_examples=EXAMPLES[cid], freeze_A=t.freeze_A)
     return out
 
 
@@ -81,7 +82,7 @@ def test_flexlora_global_update_is_the_weighted_sum_of_products_and_clients_get_
 def test_flexlora_exact_when_rank_covers_the_update_and_splits_agree():
     out = {}
     for split in ("balanced", "all-in-B"):
-        s = build("flexlora", sigma_split=split)
+        s = build("flexlora", FlexLoRASettings(sigma_split=split))
         tasks = s.configure(1, SPECS[:2])  # ranks 2 and 5: rank(ΔW) <= 7 = min dims
         s.aggregate(1, train(tasks))
         big = s.configure(2, [ClientSpec(9, 7, 1)])[9]  # r_i = 7 >= rank(ΔW)
@@ -138,7 +139,7 @@ def test_hetlora_pads_averages_and_loads_the_aggregate_back():
 
 
 def test_hetlora_norm_weighting_prefers_larger_updates():
-    s = build("hetlora", hetlora_norm_weighted=True)
+    s = build("hetlora", HetLoRASettings(norm_weighted=True))
     tasks = s.configure(1, SPECS[:3])
     ups = train(tasks)
     s.aggregate(1, ups)
@@ -177,7 +178,7 @@ def test_ffa_never_changes_A_and_is_exact():
     A0 = {n: f.A.clone() for n, f in s.factors.items()}
     for rnd in (1, 2):
         tasks = s.configure(rnd, SPECS)
-        assert all(not t.train_A for t in tasks.values())
+        assert all(t.freeze_A for t in tasks.values())
         ups = train(tasks, seed=rnd)
         s.aggregate(rnd, ups)
         p = weights(range(4))

@@ -7,18 +7,14 @@ at the smallest rank, the rest uniform); ``heavy-tail-high`` (80% at the largest
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
-from .config import BudgetConfig, ConfigError
+from .config import BudgetConfig, Distribution, read_toml
+from .errors import ConfigError
 from .seeding import numpy_rng
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 HEAVY_TAIL_SHARE = 0.8
 
@@ -38,7 +34,7 @@ def rank_probabilities(num_ranks: int, distribution: str) -> np.ndarray:
         p = np.full(num_ranks, (1 - HEAVY_TAIL_SHARE) / (num_ranks - 1))
         p[0 if distribution == "heavy-tail-low" else -1] = HEAVY_TAIL_SHARE
         return p
-    raise ValueError(f"unknown budget distribution {distribution!r}")
+    raise ValueError(f"budget distribution must be one of {get_args(Distribution)}, got {distribution!r}")
 
 
 def client_budgets(cfg: BudgetConfig, num_clients: int, seed: int) -> list[int]:
@@ -58,12 +54,10 @@ def client_budgets(cfg: BudgetConfig, num_clients: int, seed: int) -> list[int]:
 
 def read_budgets_file(path: Path) -> list[int]:
     """A TOML file with ``budgets = [..]`` (as written by ``fedlora plan``)."""
-    if not path.is_file():
-        raise ConfigError(f"budgets.file: not found: {path}")
+    data = read_toml(path, "budgets.file: budgets")
     try:
-        data = tomllib.loads(path.read_text())
         budgets = [int(b) for b in data["budgets"]]
-    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"budgets.file: {path} needs a list 'budgets = [...]' ({e})") from None
     if any(b <= 0 for b in budgets):
         raise ConfigError(f"budgets.file: ranks must be positive, got {budgets}")

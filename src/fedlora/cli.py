@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib.resources import files
 from pathlib import Path
 
-from .config import ConfigError, load_config
-
-DEFAULT_CONFIG = "default.toml"
-DEFAULT_METHODS = ("fslora", "flexlora", "hetlora", "flora", "fedit", "ffa", "fullrank")
-
-
-def default_config_path() -> Path:
-    return Path(str(files("fedlora") / "configs" / DEFAULT_CONFIG))
+from .config import default_config_path, load_config
+from .errors import ConfigError
+from .strategies import METHODS
 
 
 def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
@@ -25,14 +19,15 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .simulate import run
+    from .runner import run
+    from .simulate import simulate_round
 
     path, overrides = _split_config_and_overrides(args.items)
     cfg = load_config(path or default_config_path(), overrides)
     print(f"fedlora: {cfg.strategy.name} on {cfg.model.name} / {cfg.data.name}, "
           f"{cfg.data.num_clients} clients, {cfg.federation.rounds} rounds -> "
           f"{cfg.resolved_output_dir()}", file=sys.stderr)
-    summary = run(cfg, overwrite=args.overwrite, progress=not args.quiet, resume=args.resume)
+    summary = run(cfg, simulate_round, overwrite=args.overwrite, progress=not args.quiet, resume=args.resume)
     print(f"initial accuracy {summary['initial_accuracy']:.3f} -> final accuracy "
           f"{summary['final_accuracy']:.3f} (majority class {summary['majority_accuracy']:.3f}) "
           f"in {summary['wall_time_s']:.0f} s; results in {summary['output_dir']}")
@@ -50,9 +45,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
     path, overrides = _split_config_and_overrides(args.items)
-    cfg = load_config(path or default_config_path(), overrides)
+    methods = _csv(args.methods)
+    cfg = load_config(path or default_config_path(), overrides, methods=set(methods))
     out = Path(args.out or cfg.output_dir or "runs/compare")
-    report = compare(cfg, _csv(args.methods), _csv(args.seeds, int), out, progress=not args.quiet)
+    report = compare(cfg, methods, _csv(args.seeds, int), out, progress=not args.quiet)
     print(report.read_text())
     print(f"table, CSV and plots in {out}")
     return 0
@@ -124,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]",
                    help="a TOML config file (default: the built-in one), then overrides")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated strategy names (default: %(default)s)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated method names (default: every registered method: %(default)s)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--out", default="", help="results directory (default: output_dir or runs/compare)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,4 +1,4 @@
-"""Client side: local training of the task's factors, and evaluation of a global model."""
+"""Client side: local training of the factors (and head) a task hands out."""
 
 from __future__ import annotations
 
@@ -31,9 +31,8 @@ def local_train(
     The loss is the model's own (``labels`` in the batch): cross-entropy for a
     classifier, next-token loss on unmasked labels for a causal LM.
     """
-    expected = task.config.get("fingerprint")
-    if expected and expected != lm.fingerprint:
-        raise ValueError(f"task is for base model {expected}, this client has {lm.fingerprint}")
+    if task.fingerprint and task.fingerprint != lm.fingerprint:
+        raise ValueError(f"task is for base model {task.fingerprint}, this client has {lm.fingerprint}")
     lm.load(task)
     lm.model.train()
     params = lm.trainable_parameters()
@@ -56,22 +55,5 @@ def local_train(
         head=lm.head_state(),
         metrics={"train_loss": total / max(steps, 1), "steps": float(steps)},
         fingerprint=lm.fingerprint,
-        frozen_A=not task.train_A,
+        freeze_A=task.freeze_A,
     )
-
-
-@torch.no_grad()
-def evaluate_classification(
-    lm: LoRAModel, task: ClientTask, batches: Iterable[dict[str, Tensor]]
-) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of the model that ``task`` describes."""
-    lm.load(task)
-    lm.model.eval()
-    correct, loss_sum, count = 0, 0.0, 0
-    for batch in batches:
-        logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"]
-        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
-        count += len(labels)
-    return {"accuracy": correct / max(count, 1), "loss": loss_sum / max(count, 1)}

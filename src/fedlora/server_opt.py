@@ -7,18 +7,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from .types import LoRAState
 
-SERVER_OPTIMIZERS = ("sgd", "adam")
+ServerOptimizerKind = Literal["sgd", "adam"]
 
 
 @dataclass
 class ServerOptimizer:
-    kind: str = "sgd"
+    kind: ServerOptimizerKind = "sgd"
     lr: float = 1.0
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-8
@@ -26,8 +27,8 @@ class ServerOptimizer:
     moments: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in SERVER_OPTIMIZERS:
-            raise ValueError(f"server optimizer must be one of {SERVER_OPTIMIZERS}, got {self.kind!r}")
+        if self.kind not in get_args(ServerOptimizerKind):
+            raise ValueError(f"server optimizer must be one of {get_args(ServerOptimizerKind)}, got {self.kind!r}")
 
     def step_(self, params: LoRAState, mean_delta: LoRAState) -> None:
         """Move ``params`` in place along the round's mean increment ``mean_delta``."""

@@ -82,14 +82,6 @@ def subtract(a: LoRAState, b: LoRAState) -> LoRAState:
     return {n: Factors(A=a[n].A - b[n].A, B=a[n].B - b[n].B) for n in a}
 
 
-def add_(target: LoRAState, delta: LoRAState) -> None:
-    """In place ``target += delta`` (same ranks)."""
-    _check_same_modules(target, delta)
-    for n, f in target.items():
-        f.A.add_(delta[n].A)
-        f.B.add_(delta[n].B)
-
-
 def weighted_sum(states: Sequence[LoRAState], weights: Sequence[float]) -> LoRAState:
     """``sum_i w_i * state_i`` per module and factor; all states must have equal ranks."""
     if not states or len(states) != len(weights):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .compare import SUMMARY, compare, mean_std, plot_curves, run_dir
 from .config import ConfigError, RunConfig, load_config, read_toml
-from .strategies import STRATEGIES
+from .strategies import METHODS
 
 TIMING = "study_time.json"
 
@@ -62,7 +62,7 @@ class Study:
     ablations: list[Ablation]
 
     def task_config(self, task: str, overrides: list[str] = ()) -> RunConfig:
-        return load_config(self.tasks[task], list(overrides))
+        return load_config(self.tasks[task], list(overrides), methods=set(self.methods))
 
 
 def _get(table: dict, key: str, kind: type, where: str):
@@ -100,8 +100,8 @@ def _unique(names: list[str], where: str) -> None:
 
 
 def _method(name: str, where: str) -> str:
-    if name not in STRATEGIES:
-        raise ConfigError(f"{where}: unknown ['{name}']; choose from {', '.join(STRATEGIES)}")
+    if name not in METHODS:
+        raise ConfigError(f"{where}: unknown ['{name}']; choose from {', '.join(METHODS)}")
     return name
 
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 
@@ -63,20 +64,23 @@ class ClientTask:
         factors: the LoRA pair per module the client starts from (its rank is the
             rank the client trains).
         scale: forward scale ``s`` in ``W0 + s * B @ A``, chosen by the strategy.
-        train_A: False freezes ``A`` (FFA-LoRA).
+        freeze_A: ``A`` stays as sent and is not uploaded (FFA-LoRA).
         base_delta: frozen low-rank terms added to the base weight, ``W0 + B_d @ A_d``
             (scale folded into ``B_d``); used by strategies that merge into the base.
         head: dense trainable parameters outside LoRA (e.g. a classifier head),
             federated by plain weighted averaging.
-        config: scalar settings for the client (local steps, learning rate, ...).
+        config: scalar settings for the client (e.g. FSLoRA's sketch ratio).
+        fingerprint: of the base model the task is for (see ``LoRAModel.fingerprint``);
+            a client holding another base refuses it. Empty: not checked.
     """
 
     factors: LoRAState
     scale: float
-    train_A: bool = True
+    freeze_A: bool = False
     base_delta: LoRAState = field(default_factory=dict)
     head: dict[str, Tensor] = field(default_factory=dict)
     config: dict[str, int | float | str] = field(default_factory=dict)
+    fingerprint: str = ""
 
 
 @dataclass
@@ -90,7 +94,7 @@ class ClientUpdate:
     fingerprint: str = ""  # of the base model the client trained on (see LoRAModel)
     # True when the task froze A (FFA-LoRA): A is then not uploaded, nor counted as traffic;
     # the receiver restores it from the task it sent.
-    frozen_A: bool = False
+    freeze_A: bool = False
 
 
 class Strategy(Protocol):
@@ -117,6 +121,15 @@ class Strategy(Protocol):
         ...
 
 
+class NoisyStrategy(Strategy, Protocol):
+    """A strategy whose aggregate is a mean of the uploads, so the server may add DP noise
+    to it (its registry record says so: ``Method.dp_blocker`` returns None)."""
+
+    def perturb_(self, std: float, generator: torch.Generator) -> None:
+        """Add ``N(0, std²)`` to every coordinate of the global state the round moved."""
+        ...
+
+
 def tensors_of(payload: ClientTask | ClientUpdate) -> dict[str, Tensor]:
     """Every tensor a task or update carries, under a flat, stable key.
 
@@ -124,12 +137,12 @@ def tensors_of(payload: ClientTask | ClientUpdate) -> dict[str, Tensor]:
     exactly these, so the reported traffic is what is really sent.
     """
     out: dict[str, Tensor] = {}
-    skip_A = getattr(payload, "frozen_A", False)
+    skip_A = isinstance(payload, ClientUpdate) and payload.freeze_A
     for name, f in payload.factors.items():
         if not skip_A:
             out[f"lora.{name}.A"] = f.A
         out[f"lora.{name}.B"] = f.B
-    for name, f in getattr(payload, "base_delta", {}).items():
+    for name, f in (payload.base_delta if isinstance(payload, ClientTask) else {}).items():
         out[f"delta.{name}.A"] = f.A
         out[f"delta.{name}.B"] = f.B
     for name, t in payload.head.items():

@@ -12,8 +12,9 @@ from functools import lru_cache
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from ..simulate import Experiment, build_experiment, train_client
+from ..experiment import Experiment, build_experiment, train_client
 from . import codec
+from .run_config import NODE_BUDGET, NODE_PARTITION, config_from_run_config
 
 app = ClientApp()
 
@@ -21,16 +22,16 @@ app = ClientApp()
 @lru_cache(maxsize=2)
 def _experiment(config_key: tuple) -> Experiment:
     """Load the base model and data once per process (keyed by the run config)."""
-    return build_experiment(codec.config_from_run_config(dict(config_key)))
+    return build_experiment(config_from_run_config(dict(config_key)))
 
 
 def _local(context: Context) -> tuple[Experiment, int, int]:
     exp = _experiment(tuple(sorted(context.run_config.items())))
-    cid = int(context.node_config.get(codec.NODE_PARTITION, 0))
+    cid = int(context.node_config.get(NODE_PARTITION, 0))
     if not 0 <= cid < len(exp.data.clients):
-        raise ValueError(f"node-config {codec.NODE_PARTITION}={cid} is outside the "
+        raise ValueError(f"node-config {NODE_PARTITION}={cid} is outside the "
                          f"{len(exp.data.clients)} clients of this run")
-    budget = int(context.node_config.get(codec.NODE_BUDGET, exp.budgets[cid]))
+    budget = int(context.node_config.get(NODE_BUDGET, exp.budgets[cid]))
     return exp, cid, budget
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
@@ -39,7 +37,8 @@ def _factors(parts: dict[str, dict[str, Tensor]]) -> LoRAState:
 
 
 def encode_task(task: ClientTask, rnd: int) -> RecordDict:
-    meta = {"round": rnd, "scale": float(task.scale), "train_A": bool(task.train_A)}
+    meta = {"round": rnd, "scale": float(task.scale), "freeze_A": bool(task.freeze_A),
+            "fingerprint": task.fingerprint}
     meta.update({CONFIG_PREFIX + k: v for k, v in task.config.items()})
     return RecordDict({ARRAYS: _pack(task), META: ConfigRecord(meta)})
 
@@ -48,14 +47,14 @@ def decode_task(content: RecordDict) -> tuple[int, ClientTask]:
     meta = content.config_records[META]
     lora, delta, head = _unpack(content.array_records[ARRAYS])
     config = {k[len(CONFIG_PREFIX):]: v for k, v in meta.items() if k.startswith(CONFIG_PREFIX)}
-    task = ClientTask(factors=_factors(lora), scale=float(meta["scale"]), train_A=bool(meta["train_A"]),
-                      base_delta=_factors(delta), head=head, config=config)
+    task = ClientTask(factors=_factors(lora), scale=float(meta["scale"]), freeze_A=bool(meta["freeze_A"]),
+                      base_delta=_factors(delta), head=head, config=config, fingerprint=str(meta["fingerprint"]))
     return int(meta["round"]), task
 
 
 def encode_update(update: ClientUpdate) -> RecordDict:
     meta = {"num_examples": int(update.num_examples), "fingerprint": update.fingerprint,
-            "frozen_A": bool(update.frozen_A)}
+            "freeze_A": bool(update.freeze_A)}
     return RecordDict({ARRAYS: _pack(update), META: ConfigRecord(meta),
                        METRICS: MetricRecord({k: float(v) for k, v in update.metrics.items()})})
 
@@ -64,7 +63,7 @@ def decode_update(content: RecordDict, task: ClientTask) -> ClientUpdate:
     """The update, with a frozen ``A`` (not sent) restored from the task it answers."""
     meta = content.config_records[META]
     lora, _, head = _unpack(content.array_records[ARRAYS])
-    frozen = bool(meta["frozen_A"])
+    frozen = bool(meta["freeze_A"])
     if frozen:
         for name, parts in lora.items():
             if name in task.factors:
@@ -72,7 +71,7 @@ def decode_update(content: RecordDict, task: ClientTask) -> ClientUpdate:
     factors = {n: Factors(A=p["A"], B=p["B"]) for n, p in lora.items() if "A" in p and "B" in p}
     metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else {}
     return ClientUpdate(factors=factors, num_examples=int(meta["num_examples"]), head=head,
-                        metrics=metrics, fingerprint=str(meta["fingerprint"]), frozen_A=frozen)
+                        metrics=metrics, fingerprint=str(meta["fingerprint"]), freeze_A=frozen)
 
 
 def encode_profile(cid: int, budget: int, num_examples: int) -> RecordDict:
@@ -82,19 +81,3 @@ def encode_profile(cid: int, budget: int, num_examples: int) -> RecordDict:
 def decode_profile(content: RecordDict) -> tuple[int, int, int]:
     meta = content.config_records[META]
     return int(meta["cid"]), int(meta["budget"]), int(meta["num_examples"])
-
-
-# Keys of the Flower app's run config ([tool.flwr.app.config]) and of a node's node-config.
-RUN_CONFIG_FILE, RUN_OVERRIDES = "config", "overrides"
-RUN_OUTPUT, RUN_MIN_NODES, RUN_ROUND_TIMEOUT = "output-dir", "min-nodes", "round-timeout"
-NODE_PARTITION, NODE_BUDGET = "partition-id", "budget"
-
-
-def config_from_run_config(run_config: dict):
-    """The fedlora RunConfig named by a Flower run config (file + ``key=value`` overrides)."""
-    from ..cli import default_config_path
-    from ..config import load_config
-
-    path = str(run_config.get(RUN_CONFIG_FILE, "") or default_config_path())
-    overrides = shlex.split(str(run_config.get(RUN_OVERRIDES, "")))  # shell-style quoting
-    return load_config(path, overrides)

@@ -14,16 +14,18 @@ import time
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from ..experiment import Experiment, build_experiment, clients_per_round
+from ..runner import run
 from ..server import sample_clients
-from ..simulate import Experiment, build_experiment, clients_per_round, run
 from . import codec
+from .run_config import RUN_MIN_NODES, RUN_ROUND_TIMEOUT, config_from_run_config
 
 log = logging.getLogger("fedlora.flower")
 app = ServerApp()
 
 
 class GridRounds:
-    """The round function :func:`fedlora.simulate.run` calls, carried over a Flower grid."""
+    """The round function :func:`fedlora.runner.run` calls, carried over a Flower grid."""
 
     def __init__(self, grid: Grid, min_nodes: int, round_timeout: float, wait_timeout: float = 300):
         self.grid, self.round_timeout = grid, round_timeout
@@ -92,10 +94,8 @@ class GridRounds:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
-    cfg = codec.config_from_run_config(rc)
-    if rc.get(codec.RUN_OUTPUT):
-        cfg.output_dir = str(rc[codec.RUN_OUTPUT])
-    rounds = GridRounds(grid, min_nodes=int(rc.get(codec.RUN_MIN_NODES, cfg.data.num_clients)),
-                        round_timeout=float(rc.get(codec.RUN_ROUND_TIMEOUT, 600)))
-    summary = run(cfg, overwrite=True, progress=False, exp=build_experiment(cfg), round_fn=rounds)
+    cfg = config_from_run_config(rc)
+    rounds = GridRounds(grid, min_nodes=int(rc.get(RUN_MIN_NODES, cfg.data.num_clients)),
+                        round_timeout=float(rc.get(RUN_ROUND_TIMEOUT, 600)))
+    summary = run(cfg, rounds, overwrite=True, progress=False, exp=build_experiment(cfg))
     log.warning("fedlora run finished: %s", summary)

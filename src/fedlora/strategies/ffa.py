@@ -3,9 +3,9 @@
 Sun et al., ICLR 2024. With ``A`` fixed the average is exact:
 ``Σ p_i B_i A = (Σ p_i B_i) A``. Heterogeneous budgets use the leading rows of one
 frozen rank-``max r_i`` ``A`` (client ``i`` trains ``B[:, :r_i]``), and zero-padding ``B_i`` keeps the average exact:
-``Σ p_i pad(B_i) A = Σ p_i B_i A[:r_i]``. Clients upload only ``B``: the task sets
-``train_A=False``, the update sets ``ClientUpdate.frozen_A`` and ``types.tensors_of``
-then leaves ``A`` out of the payload (the receiver restores it from the task).
+``Σ p_i pad(B_i) A = Σ p_i B_i A[:r_i]``. Clients upload only ``B``: the task and the
+update set ``freeze_A`` and ``types.tensors_of`` then leaves ``A`` out of the update's
+payload (the receiver restores it from the task).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .. import state as S
+from ..methods import Method, first_line
+from ..state import clone, init_factors, lora_scale, pad_rank, round_weights, truncate_rank, weighted_sum
 from ..types import ClientSpec, ClientTask, ClientUpdate, Factors, LoRAState
 
 
@@ -24,28 +25,31 @@ class FFALoRA:
     def __init__(self, shapes: Mapping[str, tuple[int, int]], budgets: Sequence[int], alpha: float,
                  seed: int, rslora: bool = False) -> None:
         self.rank = max(budgets)
-        self.scale = S.lora_scale(alpha, self.rank, rslora)
-        self.factors: LoRAState = S.init_factors(shapes, self.rank, torch.Generator().manual_seed(seed))
+        self.scale = lora_scale(alpha, self.rank, rslora)
+        self.factors: LoRAState = init_factors(shapes, self.rank, torch.Generator().manual_seed(seed))
 
     def configure(self, rnd: int, clients: Sequence[ClientSpec]) -> dict[int, ClientTask]:
-        return {c.cid: ClientTask(factors=S.truncate_rank(self.factors, min(c.budget, self.rank)),
-                                  scale=self.scale, train_A=False) for c in clients}
+        return {c.cid: ClientTask(factors=truncate_rank(self.factors, min(c.budget, self.rank)),
+                                  scale=self.scale, freeze_A=True) for c in clients}
 
     def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
         if not updates:
             return {}
-        cids, weights = S.round_weights(updates)
-        padded = [S.pad_rank(updates[c].factors, self.rank) for c in cids]
-        mean_B = S.weighted_sum(padded, weights)
+        cids, weights = round_weights(updates)
+        padded = [pad_rank(updates[c].factors, self.rank) for c in cids]
+        mean_B = weighted_sum(padded, weights)
         # A never moves: only B is taken from the clients
         self.factors = {n: Factors(A=f.A, B=mean_B[n].B) for n, f in self.factors.items()}
         return {}
 
     def global_task(self) -> ClientTask:
-        return ClientTask(factors=S.clone(self.factors), scale=self.scale, train_A=False)
+        return ClientTask(factors=clone(self.factors), scale=self.scale, freeze_A=True)
 
     def state_dict(self) -> dict:
-        return {"factors": S.clone(self.factors)}
+        return {"factors": clone(self.factors)}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.factors = S.clone(sd["factors"])
+        self.factors = clone(sd["factors"])
+
+
+METHOD = Method("ffa", lambda c: FFALoRA(c.shapes, c.budgets, c.alpha, c.seed, c.rslora), first_line(__doc__))

@@ -11,10 +11,12 @@ Nothing is merged into ``W0``; the global model is ``W0 + ΔW``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from .. import state as S
-from ..lowrank import SVD, stack, svd_of_product
+from ..lowrank import SVD, SigmaSplit, stack, svd_of_product
+from ..methods import Method, first_line
 from ..seeding import torch_generator
+from ..state import clone, init_factors, lora_scale, round_weights
 from ..types import ClientSpec, ClientTask, ClientUpdate, LoRAState
 
 
@@ -22,19 +24,19 @@ class FlexLoRA:
     name = "flexlora"
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], alpha: float, seed: int,
-                 rslora: bool = False, sigma_split: str = "balanced") -> None:
+                 rslora: bool = False, sigma_split: SigmaSplit = "balanced") -> None:
         self.shapes = dict(shapes)
         self.alpha, self.rslora, self.seed, self.split = alpha, rslora, seed, sigma_split
         self.svd: dict[str, SVD] = {}  # the latest ΔW per module; empty before round 1
 
     def client_scale(self, rank: int) -> float:
-        return S.lora_scale(self.alpha, rank, self.rslora)
+        return lora_scale(self.alpha, rank, self.rslora)
 
     def factors_for_rank(self, rank: int) -> LoRAState:
         """What a rank-``rank`` client starts from: the truncated global update, or before
         any aggregation a fresh seeded LoRA (shared by all clients of that rank)."""
         if not self.svd:
-            return S.init_factors(self.shapes, rank, torch_generator(self.seed, "flexlora-init", rank))
+            return init_factors(self.shapes, rank, torch_generator(self.seed, "flexlora-init", rank))
         scale = self.client_scale(rank)
         return {n: d.truncate(rank, scale, self.split) for n, d in self.svd.items()}
 
@@ -44,13 +46,13 @@ class FlexLoRA:
         for c in clients:
             if c.budget not in by_rank:  # one truncation per distinct rank, not per client
                 by_rank[c.budget] = self.factors_for_rank(c.budget)
-            tasks[c.cid] = ClientTask(factors=S.clone(by_rank[c.budget]), scale=self.client_scale(c.budget))
+            tasks[c.cid] = ClientTask(factors=clone(by_rank[c.budget]), scale=self.client_scale(c.budget))
         return tasks
 
     def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
         if not updates:
             return {}
-        cids, p = S.round_weights(updates)
+        cids, p = round_weights(updates)
         stacked = 0
         for name in self.shapes:
             parts = [updates[c].factors[name] for c in cids]
@@ -73,4 +75,15 @@ class FlexLoRA:
         return {"svd": {n: (d.U.clone(), d.S.clone(), d.Vh.clone()) for n, d in self.svd.items()}}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.svd = {n: SVD(U.clone(), S_.clone(), Vh.clone()) for n, (U, S_, Vh) in sd["svd"].items()}
+        self.svd = {n: SVD(U.clone(), S.clone(), Vh.clone()) for n, (U, S, Vh) in sd["svd"].items()}
+
+
+@dataclass
+class FlexLoRASettings:
+    """``[strategy.flexlora]``: how each client's rank-r_i pair is cut from the SVD."""
+
+    sigma_split: SigmaSplit = "balanced"  # sqrt(Σ) into each factor, or all of Σ into B
+
+
+METHOD = Method("flexlora", lambda c: FlexLoRA(c.shapes, c.alpha, c.seed, c.rslora, c.settings.sigma_split),
+                first_line(__doc__), settings=FlexLoRASettings)

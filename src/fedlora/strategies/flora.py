@@ -15,9 +15,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .. import state as S
 from ..lowrank import stack, svd_of_product
+from ..methods import Method, first_line
 from ..seeding import torch_generator
+from ..state import clone, init_factors, lora_scale, round_weights
 from ..types import ClientSpec, ClientTask, ClientUpdate, Factors, LoRAState
 
 
@@ -33,9 +34,9 @@ class FLoRA:
     def configure(self, rnd: int, clients: Sequence[ClientSpec]) -> dict[int, ClientTask]:
         return {
             c.cid: ClientTask(
-                factors=S.init_factors(self.shapes, c.budget, torch_generator(self.seed, "flora", rnd, c.cid)),
-                scale=S.lora_scale(self.alpha, c.budget, self.rslora),
-                base_delta=S.clone(self.delta),
+                factors=init_factors(self.shapes, c.budget, torch_generator(self.seed, "flora", rnd, c.cid)),
+                scale=lora_scale(self.alpha, c.budget, self.rslora),
+                base_delta=clone(self.delta),
             )
             for c in clients
         }
@@ -43,11 +44,11 @@ class FLoRA:
     def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
         if not updates:
             return {}
-        cids, p = S.round_weights(updates)
+        cids, p = round_weights(updates)
         for name, (m, n) in self.shapes.items():
             new = [updates[c].factors[name] for c in cids]
             # s_i follows from the rank the client trained: no memory of the tasks needed
-            weights = [w * S.lora_scale(self.alpha, f.rank, self.rslora) for w, f in zip(p, new)]
+            weights = [w * lora_scale(self.alpha, f.rank, self.rslora) for w, f in zip(p, new)]
             old = [self.delta[name]] if name in self.delta else []
             B, A = stack(old + new, [1.0] * len(old) + weights)
             if B.shape[1] >= min(m, n):  # lossless re-factoring keeps the rank <= min(m, n)
@@ -59,10 +60,13 @@ class FLoRA:
 
     def global_task(self) -> ClientTask:
         empty = {n: Factors(A=torch.zeros(0, i), B=torch.zeros(o, 0)) for n, (o, i) in self.shapes.items()}
-        return ClientTask(factors=empty, scale=1.0, base_delta=S.clone(self.delta))
+        return ClientTask(factors=empty, scale=1.0, base_delta=clone(self.delta))
 
     def state_dict(self) -> dict:
-        return {"delta": S.clone(self.delta)}
+        return {"delta": clone(self.delta)}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.delta = S.clone(sd["delta"])
+        self.delta = clone(sd["delta"])
+
+
+METHOD = Method("flora", lambda c: FLoRA(c.shapes, c.alpha, c.seed, c.rslora), first_line(__doc__))

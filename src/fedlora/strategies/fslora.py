@@ -1,23 +1,26 @@
-"""FSLoRA: Federated Sketching LoRA (arXiv 2501.19389, Fang et al.).
+"""FSLoRA: Federated Sketching LoRA, a random rank sub-block per client per round (arXiv 2501.19389).
 
-The server keeps one rank-``r`` pair per module. Each round, client ``i`` trains the
-sub-block picked by a fresh uniform index set ``I`` of size ``k_i`` (its budget),
-with scale ``s * r / k_i``, which is exact gradient descent on ``W0 + s * B S A``
-with the diagonal sketch ``S = (r / k_i) * 1_I``. The server scatters each client's
-increments back to rank ``r`` and takes their weighted mean (coordinates a client did
-not sample contribute zero: the unbiased update of the paper).
+Fang et al. The server keeps one rank-``r`` pair per module. Each round, client ``i``
+trains the sub-block picked by a fresh uniform index set ``I`` of size ``k_i`` (its
+budget), with scale ``s * r / k_i``, which is exact gradient descent on
+``W0 + s * B S A`` with the diagonal sketch ``S = (r / k_i) * 1_I``. The server scatters
+each client's increments back to rank ``r`` and takes their weighted mean (coordinates a
+client did not sample contribute zero: the unbiased update of the paper).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .. import state as S
-from ..server_opt import ServerOptimizer
+from ..errors import check
+from ..methods import BuildContext, Method, first_line
+from ..server_opt import ServerOptimizer, ServerOptimizerKind
 from ..sketch import sketch_indices
+from ..state import clone, init_factors, lora_scale, round_weights, scatter_add_, subtract, take
 from ..types import ClientSpec, ClientTask, ClientUpdate, Factors, LoRAState
 
 
@@ -34,11 +37,9 @@ class FSLoRA:
         server_optimizer: ServerOptimizer | None = None,
     ) -> None:
         self.rank = global_rank
-        self.scale = S.lora_scale(alpha, global_rank, rslora)
+        self.scale = lora_scale(alpha, global_rank, rslora)
         self.seed = seed
-        self.factors: LoRAState = S.init_factors(
-            shapes, global_rank, torch.Generator().manual_seed(seed)
-        )
+        self.factors: LoRAState = init_factors(shapes, global_rank, torch.Generator().manual_seed(seed))
         self.optimizer = server_optimizer or ServerOptimizer("sgd", 1.0)
         self._sent: dict[int, Tensor] = {}  # cid -> index set of the round in flight
 
@@ -49,17 +50,14 @@ class FSLoRA:
             k = min(c.budget, self.rank)
             idx = sketch_indices(self.seed, rnd, c.cid, self.rank, k)
             self._sent[c.cid] = idx
-            tasks[c.cid] = ClientTask(
-                factors=S.take(self.factors, idx),
-                scale=self.scale * self.rank / k,
-                config={"sketch_ratio": k / self.rank},
-            )
+            tasks[c.cid] = ClientTask(factors=take(self.factors, idx), scale=self.scale * self.rank / k,
+                                      config={"sketch_ratio": k / self.rank})
         return tasks
 
     def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
         if not updates:
             return {}
-        cids, weights = S.round_weights(updates)
+        cids, weights = round_weights(updates)
         unknown = [c for c in cids if c not in self._sent]
         if unknown:
             raise ValueError(f"updates from clients that got no task this round: {unknown}")
@@ -69,7 +67,7 @@ class FSLoRA:
                       for n, f in self.factors.items()}
         for c, w in zip(cids, weights):
             idx = self._sent[c]
-            S.scatter_add_(mean_delta, S.subtract(updates[c].factors, S.take(self.factors, idx)), idx, w)
+            scatter_add_(mean_delta, subtract(updates[c].factors, take(self.factors, idx)), idx, w)
         self.optimizer.step_(self.factors, mean_delta)
         coverage = torch.zeros(self.rank, dtype=torch.bool)
         for c in cids:
@@ -80,18 +78,42 @@ class FSLoRA:
         """Add N(0, std²) to every global coordinate (DP noise on the round's mean increment;
         with a server learning rate the noise is scaled like the increment it rides on)."""
         if self.optimizer.kind != "sgd":
-            raise ValueError("DP noise needs strategy.server_optimizer = 'sgd'")
+            raise ValueError("DP noise needs [strategy.fslora] server_optimizer = 'sgd'")
         for name in sorted(self.factors):
             f = self.factors[name]
             f.A.add_(torch.randn(f.A.shape, generator=generator, dtype=f.A.dtype), alpha=std * self.optimizer.lr)
             f.B.add_(torch.randn(f.B.shape, generator=generator, dtype=f.B.dtype), alpha=std * self.optimizer.lr)
 
     def global_task(self) -> ClientTask:
-        return ClientTask(factors=S.clone(self.factors), scale=self.scale)
+        return ClientTask(factors=clone(self.factors), scale=self.scale)
 
     def state_dict(self) -> dict:
-        return {"factors": S.clone(self.factors), "optimizer": self.optimizer.state_dict()}
+        return {"factors": clone(self.factors), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.factors = S.clone(sd["factors"])
+        self.factors = clone(sd["factors"])
         self.optimizer.load_state_dict(sd["optimizer"])
+
+
+@dataclass
+class FSLoRASettings:
+    """``[strategy.fslora]``: the server's update of the global pair."""
+
+    server_optimizer: ServerOptimizerKind = "sgd"  # sgd with server_lr = 1 is plain averaging
+    server_lr: float = 1.0
+
+    def validate(self) -> None:
+        check("strategy.fslora.server_lr", self.server_lr > 0, "must be positive")
+
+
+def _build(c: BuildContext) -> FSLoRA:
+    s: FSLoRASettings = c.settings
+    return FSLoRA(c.shapes, c.global_rank, c.alpha, c.seed, c.rslora,
+                  ServerOptimizer(s.server_optimizer, s.server_lr))
+
+
+def _dp_blocker(s: FSLoRASettings) -> str | None:
+    return None if s.server_optimizer == "sgd" else "DP noise needs [strategy.fslora] server_optimizer = \"sgd\""
+
+
+METHOD = Method("fslora", _build, first_line(__doc__), settings=FSLoRASettings, dp_blocker=_dp_blocker)

@@ -1,17 +1,16 @@
-"""Upper bound that IGNORES BUDGETS: FedAvg on factors at the global rank (arXiv 1602.05629).
+"""Full-rank reference, IGNORES BUDGETS: FedAvg on the factors at the global rank (arXiv 1602.05629).
 
-Every client trains rank ``strategy.global_rank`` whatever its budget, so no real
-device constraint is respected; it shows what heterogeneity costs. Same aggregation as FedIT
-(``fedit.FactorAverage``), built with a different rank and name: composition, no subclass.
+Every client trains rank ``strategy.global_rank`` whatever its budget, so no real device
+constraint is respected; it shows what heterogeneity costs (the field's "upper bound",
+which it is not always). The aggregation is FedIT's
+(:class:`~fedlora.strategies.factor_average.FactorAverage`) at another rank and name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from ..methods import Method, first_line
+from .factor_average import FactorAverage
 
-from .fedit import FactorAverage
-
-
-def full_rank_upper_bound(shapes: Mapping[str, tuple[int, int]], global_rank: int, alpha: float,
-                          seed: int, rslora: bool = False) -> FactorAverage:
-    return FactorAverage(shapes, global_rank, alpha, seed, rslora, name="fullrank")
+METHOD = Method(
+    "fullrank", lambda c: FactorAverage(c.shapes, c.global_rank, c.alpha, c.seed, c.rslora, name="fullrank"),
+    first_line(__doc__), respects_budgets=False)

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from .. import state as S
-from ..robust import product_norm_sq
+from ..clipping import product_norm_sq
+from ..methods import BuildContext, Method, first_line
+from ..state import clone, init_factors, lora_scale, pad_rank, round_weights, truncate_rank, weighted_sum
 from ..types import ClientSpec, ClientTask, ClientUpdate, LoRAState
 
 
@@ -30,33 +32,47 @@ class HetLoRA:
     def __init__(self, shapes: Mapping[str, tuple[int, int]], budgets: Sequence[int], alpha: float,
                  seed: int, rslora: bool = False, norm_weighted: bool = False) -> None:
         self.rank = max(budgets)
-        self.scale = S.lora_scale(alpha, self.rank, rslora)
+        self.scale = lora_scale(alpha, self.rank, rslora)
         self.norm_weighted = norm_weighted
-        self.factors: LoRAState = S.init_factors(shapes, self.rank, torch.Generator().manual_seed(seed))
+        self.factors: LoRAState = init_factors(shapes, self.rank, torch.Generator().manual_seed(seed))
 
     def configure(self, rnd: int, clients: Sequence[ClientSpec]) -> dict[int, ClientTask]:
-        return {c.cid: ClientTask(factors=S.truncate_rank(self.factors, min(c.budget, self.rank)),
+        return {c.cid: ClientTask(factors=truncate_rank(self.factors, min(c.budget, self.rank)),
                                   scale=self.scale) for c in clients}
 
     def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
         if not updates:
             return {}
-        cids, weights = S.round_weights(updates)
+        cids, weights = round_weights(updates)
         if self.norm_weighted:
             norms = [math.sqrt(sum(product_norm_sq(f.B, f.A) for f in updates[c].factors.values()))
                      for c in cids]
             raw = [w * n for w, n in zip(weights, norms)]
             total = sum(raw)
             weights = [x / total for x in raw] if total > 0 else weights
-        padded = [S.pad_rank(updates[c].factors, self.rank) for c in cids]
-        self.factors = S.weighted_sum(padded, weights)
+        padded = [pad_rank(updates[c].factors, self.rank) for c in cids]
+        self.factors = weighted_sum(padded, weights)
         return {}
 
     def global_task(self) -> ClientTask:
-        return ClientTask(factors=S.clone(self.factors), scale=self.scale)
+        return ClientTask(factors=clone(self.factors), scale=self.scale)
 
     def state_dict(self) -> dict:
-        return {"factors": S.clone(self.factors)}
+        return {"factors": clone(self.factors)}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.factors = S.clone(sd["factors"])
+        self.factors = clone(sd["factors"])
+
+
+@dataclass
+class HetLoRASettings:
+    """``[strategy.hetlora]``: the aggregation weights."""
+
+    norm_weighted: bool = False  # weight each client by the norm of its update (the paper's option)
+
+
+def _build(c: BuildContext) -> HetLoRA:
+    return HetLoRA(c.shapes, c.budgets, c.alpha, c.seed, c.rslora, c.settings.norm_weighted)
+
+
+METHOD = Method("hetlora", _build, first_line(__doc__), settings=HetLoRASettings)

@@ -1,97 +1,32 @@
-"""Causal-LM tasks: prompt -> answer rows trained with the loss on answer tokens only, and
-evaluated by multiple-choice log-likelihood (as evaluation harnesses do) or by exact
-match / Rouge-L of greedy generations."""
+"""Evaluating a model: classification accuracy, multiple-choice log-likelihood, generation.
+
+Everything here runs under ``torch.no_grad`` on a model whose adapters are already loaded.
+"""
 
 from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from .config import ConfigError
-from .data import Encoded
-
-IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
+from .encoding import IGNORE, ChoiceQuestions, render_prompt
 
 
-def render_prompt(tokenizer, prompt: str) -> str:
-    """The prompt as the model expects it: its chat template when it has one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return prompt + "\n"
-
-
-def encode_pairs(tokenizer, prompts: Sequence[str], answers: Sequence[str], max_length: int) -> Encoded:
-    """Token ids of ``prompt + answer + eos`` with labels on the answer (and eos) only.
-
-    A prompt that does not fit is cut from its left, so the answer is always kept.
-    """
-    rows, labels = [], []
-    for prompt, answer in zip(prompts, answers):
-        a = _answer_ids(tokenizer, answer)[:max_length - 1]
-        p = _prompt_ids(tokenizer, prompt, max_length - len(a))
-        rows.append(p + a)
-        labels.append([IGNORE] * len(p) + a)
-    ids, mask = _right_pad(rows, _pad_id(tokenizer))
-    lab, _ = _right_pad(labels, IGNORE)
-    return Encoded(ids, mask, lab)
-
-
-@dataclass
-class ChoiceQuestions:
-    """Multiple-choice questions over one shared set of answers (e.g. the label words)."""
-
-    prompts: Encoded  # (Q, L) prompt ids, right-padded; labels: the gold answer's index
-    answers: list[list[int]]  # token ids of each answer, eos included
-
-    @property
-    def gold(self) -> Tensor:
-        return self.prompts.labels
-
-
-def encode_choices(tokenizer, prompts: Sequence[str], answers: Sequence[str], gold: Sequence[int],
-                   max_length: int) -> ChoiceQuestions:
-    """Prompts cut from the left so that each fits with the longest answer: every answer of a
-    question is scored after the very same prompt tokens."""
-    answer_ids = [_answer_ids(tokenizer, a) for a in answers]
-    longest = max(len(a) for a in answer_ids)
-    room = max_length - longest
-    if room < 1:
-        raise ConfigError(f"model.max_length: {max_length} tokens leave no room for a prompt before the "
-                          f"longest answer ({longest} tokens with its end-of-text)")
-    ids, mask = _right_pad([_prompt_ids(tokenizer, p, room) for p in prompts], _pad_id(tokenizer))
-    return ChoiceQuestions(Encoded(ids, mask, torch.as_tensor(list(gold), dtype=torch.long)), answer_ids)
-
-
-def _answer_ids(tokenizer, answer: str) -> list[int]:
-    eos = tokenizer.eos_token_id
-    return tokenizer(answer, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-
-
-def _prompt_ids(tokenizer, prompt: str, room: int) -> list[int]:
-    """The rendered prompt's last ``room`` tokens (a prompt that does not fit loses its start)."""
-    p = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    return p[max(0, len(p) - room):]
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def _right_pad(rows: list[list[int]], fill: int) -> tuple[Tensor, Tensor]:
-    """(N, width) ids filled with ``fill`` after each row, and the 0/1 mask of real entries."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), fill, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask
+@torch.no_grad()
+def classification_metrics(model, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of a sequence classifier."""
+    model.eval()
+    correct, loss_sum, count = 0, 0.0, 0
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"]
+        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
+        count += len(labels)
+    return {"accuracy": correct / max(count, 1), "loss": loss_sum / max(count, 1)}
 
 
 def answer_logprobs(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
@@ -113,6 +48,7 @@ def choice_logprobs(model, questions: ChoiceQuestions, batch_size: int = 16) -> 
     :func:`answer_logprobs` on ``prompt + answer`` rows (to float rounding) at about
     ``1 / C`` of the cost.
     """
+    model.eval()
     prompts, out = questions.prompts, []
     cache_argument = _cache_argument(model)
     for start in range(0, len(prompts), batch_size):

@@ -1,4 +1,4 @@
-"""Bounding what one client can do to the model: norm clipping measured on ``ΔW`` itself.
+"""Clipping what one client can do to the model: norms measured on ``ΔW`` itself, never formed.
 
 A client's effect on a layer is ``D = s (B' A' - B A)`` (trained minus sent factors).
 Its Frobenius norm comes from two small Gram matrices, never from the ``m × n`` matrix:
@@ -41,7 +41,7 @@ def shrink(task: ClientTask, update: ClientUpdate, c: float) -> ClientUpdate:
     head = {k: t + c * (update.head[k] - t) for k, t in task.head.items()}
     return ClientUpdate(factors=factors, num_examples=update.num_examples, head=head,
                         metrics=dict(update.metrics), fingerprint=update.fingerprint,
-                        frozen_A=update.frozen_A)
+                        freeze_A=update.freeze_A)
 
 
 def clip_update(task: ClientTask, update: ClientUpdate, max_norm: float,

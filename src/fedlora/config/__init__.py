@@ -1,0 +1,35 @@
+"""Run configuration: TOML tables -> validated dataclasses, and back.
+
+Unknown keys and bad values raise :class:`ConfigError` naming the dotted key, so the CLI
+can print one line and exit 2 instead of a traceback.
+"""
+
+from ..errors import ConfigError
+from .loader import (
+    apply_overrides,
+    default_config_path,
+    from_dict,
+    load_config,
+    parse_override,
+    read_toml,
+    to_toml,
+    toml_dict,
+)
+from .schema import (
+    BudgetConfig,
+    DataConfig,
+    Distribution,
+    FederationConfig,
+    ModelConfig,
+    PrivacyConfig,
+    ReliabilityConfig,
+    RunConfig,
+    StrategyConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "ConfigError", "apply_overrides", "default_config_path", "from_dict", "load_config", "parse_override",
+    "read_toml", "to_toml", "toml_dict", "BudgetConfig", "DataConfig", "Distribution", "FederationConfig",
+    "ModelConfig", "PrivacyConfig", "ReliabilityConfig", "RunConfig", "StrategyConfig", "TrainConfig",
+]

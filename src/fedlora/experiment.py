@@ -1,0 +1,123 @@
+"""One experiment, built once from a config and shared by both carriers: the model with LoRA,
+the federated data, the budgets and the server; training one client; evaluating the global model.
+
+The in-process simulator (``simulate``) and the Flower apps (``flower``) both drive
+these functions; neither knows how the other carries a round.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .budgets import client_budgets
+from .client import local_train
+from .config import RunConfig
+from .data import TextDataset, load_text_dataset, split_clients, subsample
+from .encoding import (
+    ChoiceQuestions,
+    Encoded,
+    encode_choices,
+    encode_classification,
+    encode_pairs,
+    eval_batches,
+    train_batches,
+)
+from .errors import ConfigError
+from .evaluate import choice_logprobs, choice_metrics, classification_metrics
+from .lora import LoRAModel
+from .models import load_model
+from .seeding import derive_seed, torch_generator
+from .server import FederatedServer
+from .strategies import build_strategy
+from .types import ClientTask, ClientUpdate
+
+
+@dataclass
+class FederatedData:
+    encoded: Encoded
+    clients: list[np.ndarray]  # row indices per client
+    test: np.ndarray  # row indices of the global held-out set
+    label_names: list[str]
+    # causal-lm: the test prompts as multiple-choice questions over the label words
+    questions: ChoiceQuestions | None = None
+
+    def test_labels(self) -> np.ndarray:
+        gold = self.questions.gold if self.questions is not None else self.encoded.labels[self.test]
+        return gold.numpy()
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs, built once from a config."""
+
+    cfg: RunConfig
+    lm: LoRAModel
+    data: FederatedData
+    budgets: list[int]
+    server: FederatedServer
+
+
+def clients_per_round(cfg: RunConfig) -> int:
+    fed, n = cfg.federation, cfg.data.num_clients
+    return fed.clients_per_round or max(1, math.ceil(fed.fraction * n))
+
+
+def build_data(cfg: RunConfig, ds: TextDataset, tokenizer) -> FederatedData:
+    clients, test = split_clients(ds, cfg.data, cfg.seed)
+    if cfg.model.task == "classification":
+        encoded = encode_classification(tokenizer, ds.texts, ds.labels, cfg.model.max_length)
+        return FederatedData(encoded=encoded, clients=clients, test=test, label_names=ds.label_names)
+    # causal-lm: "prompt -> label name" pairs; questions scored over the label set
+    names = ds.label_names
+    try:
+        prompts = [cfg.data.prompt_template.format(text=t, labels=", ".join(names)) for t in ds.texts]
+    except (KeyError, IndexError) as e:
+        raise ConfigError(f"data.prompt_template: unknown field {e}; use {{text}} and {{labels}}") from None
+    encoded = encode_pairs(tokenizer, prompts, [names[y] for y in ds.labels], cfg.model.max_length)
+    questions = encode_choices(tokenizer, [prompts[i] for i in test], names, ds.labels[test].tolist(),
+                               cfg.model.max_length)
+    return FederatedData(encoded=encoded, clients=clients, test=test, label_names=names, questions=questions)
+
+
+def build_experiment(cfg: RunConfig) -> Experiment:
+    ds = subsample(load_text_dataset(cfg.data), cfg.data.max_examples, cfg.seed)
+    loaded = load_model(cfg.model, num_labels=len(ds.label_names), seed=cfg.seed)
+    data = build_data(cfg, ds, loaded.tokenizer)
+    try:
+        lm = LoRAModel(loaded.model, cfg.model.targets, head=loaded.head, dropout=cfg.model.dropout)
+    except ValueError as e:
+        raise ConfigError(f"model.targets: {e}") from None
+    budgets = client_budgets(cfg.budgets, cfg.data.num_clients, cfg.seed)
+    s = cfg.strategy
+    strategy = build_strategy(s.name, lm.shapes(), budgets, cfg.seed, s.global_rank, s.alpha, s.rslora,
+                              s.method_settings())
+    server = FederatedServer(
+        strategy, lm.head_state(), budgets, [len(c) for c in data.clients],
+        fingerprint=lm.fingerprint, min_clients=cfg.reliability.min_clients,
+        privacy=cfg.privacy, seed=cfg.seed,
+        sample_rate=clients_per_round(cfg) / cfg.data.num_clients,
+        weighting=s.weighting)
+    return Experiment(cfg, lm, data, budgets, server)
+
+
+def train_client(exp: Experiment, rnd: int, cid: int, task: ClientTask) -> ClientUpdate:
+    """One client's local round; its randomness depends only on (seed, round, client)."""
+    cfg = exp.cfg
+    torch.manual_seed(derive_seed(cfg.seed, "dropout", rnd, cid))
+    batches = train_batches(exp.data.encoded, exp.data.clients[cid], cfg.train.batch_size,
+                            cfg.train.local_steps, torch_generator(cfg.seed, "batches", rnd, cid))
+    return local_train(exp.lm, task, batches, cfg.train, len(exp.data.clients[cid]))
+
+
+def evaluate_global(exp: Experiment) -> dict[str, float]:
+    """Accuracy and loss of the global model on the held-out set (for a causal LM: accuracy
+    of picking the right label by log-likelihood, and the answer-token loss)."""
+    exp.lm.load(exp.server.global_task())
+    batch_size = exp.cfg.federation.eval_batch_size
+    if exp.data.questions is None:
+        return classification_metrics(exp.lm.model, eval_batches(exp.data.encoded, exp.data.test, batch_size))
+    return choice_metrics(choice_logprobs(exp.lm.model, exp.data.questions, batch_size), exp.data.questions)

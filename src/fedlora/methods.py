@@ -1,0 +1,82 @@
+"""The method registry: what the rest of fedlora knows about each federated LoRA method.
+
+Each strategy module declares one :class:`Method` record; ``fedlora.strategies``
+registers the built-in ones. The CLI's defaults, config validation (the method's own
+``[strategy.<name>]`` settings, DP support), the study's descriptions and the tests all
+read this registry, so adding a method is one file plus one :func:`register` call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+from .types import Strategy
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a method's builder gets: the model's adapted layers, the clients, the run's
+    common strategy settings and the method's own settings (its dataclass, or None)."""
+
+    shapes: Mapping[str, tuple[int, int]]  # module path -> (out_features, in_features)
+    budgets: Sequence[int]  # every client's rank budget, by client id
+    seed: int
+    global_rank: int
+    alpha: float
+    rslora: bool = False
+    settings: Any = None
+
+
+def _no_dp(settings: Any) -> str:
+    return "its aggregate is not a mean of the clients' uploads, so noise on it has no DP meaning"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One federated LoRA method.
+
+    Attributes:
+        name: the key of ``strategy.name`` and of ``--methods``.
+        build: context -> a fresh :class:`fedlora.types.Strategy`.
+        summary: one line for reports and ``--help`` (the strategy module's first docstring line).
+        settings: dataclass of the method's own keys (``[strategy.<name>]``), or None.
+        dp_blocker: settings -> None when the server may add DP noise to this method's
+            aggregate (the strategy then implements ``perturb_``), else the reason it may not.
+        respects_budgets: False for references that ignore the clients' rank budgets.
+    """
+
+    name: str
+    build: Callable[[BuildContext], Strategy]
+    summary: str
+    settings: type | None = None
+    dp_blocker: Callable[[Any], str | None] = _no_dp
+    respects_budgets: bool = True
+
+    def default_settings(self) -> Any:
+        return self.settings() if self.settings is not None else None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (a second method of the same name is an error)."""
+    if method.name in METHODS and METHODS[method.name] is not method:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str, key: str = "strategy.name") -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"{key}: unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def first_line(doc: str | None) -> str:
+    """The first line of a docstring (a method's summary)."""
+    return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""

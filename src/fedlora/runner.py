@@ -1,0 +1,123 @@
+"""The run driver both carriers share: output directory, resume, the round loop, the summary.
+
+``run`` calls a ``round_fn(exp, rnd)`` that carries one round (in-process in
+:mod:`fedlora.simulate`, over a Flower grid in :mod:`fedlora.flower.server_app`);
+evaluation, metrics, checkpoints and the exported adapter are the same for both.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from .config import RunConfig, to_toml
+from .data import split_fingerprint
+from .errors import ConfigError
+from .experiment import Experiment, build_experiment, evaluate_global
+from .export import save_peft_adapter
+from .models import resolve_model_path
+
+RoundFn = Callable[[Experiment, int], dict]
+SUMMARY = "summary.json"  # written last: its presence marks a finished run
+
+
+def prepare_output_dir(out: Path, overwrite: bool, resume: bool) -> int:
+    """Make ``out`` ready; return 0 to start afresh, -1 to continue from its checkpoint."""
+    has_run = (out / "metrics.jsonl").exists()
+    if has_run and resume:
+        return -1
+    if has_run and not overwrite:
+        raise ConfigError(f"output directory {out} already holds a run; pass --resume to "
+                          "continue it, --overwrite to replace it, or set output_dir=...")
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [out / "metrics.jsonl", out / SUMMARY, *list_checkpoints(out / "checkpoints")]:
+        old.unlink(missing_ok=True)
+    return 0
+
+
+def restore(exp: Experiment, out: Path) -> int:
+    """Load the newest good checkpoint; cut metrics.jsonl back to it. Returns its round."""
+    found = latest_checkpoint(out / "checkpoints")
+    if found is None:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        return 0
+    rnd, payload = found
+    exp.server.load_state_dict(payload["server"])
+    kept = [r for r in read_metrics(out) if r["round"] <= rnd]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    return rnd
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """The rows of ``metrics.jsonl`` (a torn last line, from a kill mid-write, is dropped)."""
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(ln) for ln in lines if ln.endswith("}")]
+
+
+def eval_metrics(row: dict) -> dict[str, float]:
+    """The ``eval_*`` entries of a metrics row, without the prefix."""
+    return {k[5:]: v for k, v in row.items() if k.startswith("eval_")}
+
+
+def run(cfg: RunConfig, round_fn: RoundFn, overwrite: bool = False, progress: bool = True,
+        exp: Experiment | None = None, resume: bool = False) -> dict[str, float]:
+    """Run every round, writing ``config.toml``, ``clients.json``, ``metrics.jsonl``,
+    ``checkpoints/``, ``adapter/`` and ``summary.json`` into the output directory.
+
+    With ``resume``, continue from the newest good checkpoint in the output directory.
+    """
+    out = cfg.resolved_output_dir()
+    fresh = prepare_output_dir(out, overwrite, resume) == 0
+    (out / "config.toml").write_text(to_toml(cfg))
+    start = time.perf_counter()
+    exp = exp or build_experiment(cfg)
+    write_clients(exp, out)
+    fed, rel = cfg.federation, cfg.reliability
+    done = 0 if fresh else restore(exp, out)
+    if done == 0:
+        _append(out, {"round": 0, **{f"eval_{k}": v for k, v in evaluate_global(exp).items()},
+                      "wall_time_s": time.perf_counter() - start})
+    rows = read_metrics(out)
+    initial = eval_metrics(rows[0])
+    last_eval = next(eval_metrics(r) for r in reversed(rows) if "eval_accuracy" in r)
+    bar = tqdm(range(done + 1, fed.rounds + 1), desc=f"{cfg.strategy.name}", unit="round",
+               disable=not progress, dynamic_ncols=True, initial=done, total=fed.rounds)
+    for rnd in bar:
+        t0 = time.perf_counter()
+        metrics = round_fn(exp, rnd)
+        if rnd % fed.eval_every == 0 or rnd == fed.rounds:
+            last_eval = evaluate_global(exp)
+            metrics.update({f"eval_{k}": v for k, v in last_eval.items()})
+        metrics["wall_time_s"] = time.perf_counter() - t0
+        _append(out, {"round": rnd, **metrics})
+        if rel.checkpoint_every and (rnd % rel.checkpoint_every == 0 or rnd == fed.rounds):
+            save_checkpoint(out / "checkpoints", rnd, {"round": rnd, "server": exp.server.state_dict(),
+                                                       "budgets": exp.budgets}, keep=rel.keep_checkpoints)
+        bar.set_postfix(loss=f"{metrics.get('train_loss', float('nan')):.3f}", acc=f"{last_eval['accuracy']:.3f}")
+    save_peft_adapter(exp.server.global_task(), out / "adapter", resolve_model_path(cfg.model), cfg.strategy.alpha)
+    labels = exp.data.test_labels()
+    summary = {"initial_accuracy": initial["accuracy"], "final_accuracy": last_eval["accuracy"],
+               "final_loss": last_eval["loss"], "majority_accuracy": float(np.bincount(labels).max() / len(labels)),
+               "wall_time_s": time.perf_counter() - start, "output_dir": str(out)}
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def write_clients(exp: Experiment, out: Path) -> None:
+    """``clients.json``: every client's budget and example count, and a hash of the split."""
+    d = exp.data
+    (out / "clients.json").write_text(json.dumps(
+        {"budgets": exp.budgets, "num_examples": [len(c) for c in d.clients], "test_examples": len(d.test),
+         "labels": d.label_names, "split_sha256": split_fingerprint(d.clients, d.test)}, indent=1))
+
+
+def _append(out: Path, record: dict) -> None:
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
