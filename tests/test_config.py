@@ -1,7 +1,6 @@
 import pytest
 
-from fedlora.config import default_config_path
-from fedlora.config import ConfigError, load_config, parse_override
+from fedlora.config import ConfigError, default_config_path, load_config, parse_override
 
 
 def test_default_config_loads_and_is_the_documented_setup():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedlora import state as S
-from fedlora.config import ConfigError, PrivacyConfig, load_config
 from fedlora.clipping import change_norm_sq, clip_update, product_norm_sq, update_norm
+from fedlora.config import ConfigError, PrivacyConfig, load_config
 from fedlora.server import FederatedServer
 from fedlora.strategies.fslora import FSLoRA
 from fedlora.types import ClientTask, ClientUpdate, Factors

@@ -10,18 +10,26 @@ from safetensors.torch import load_file
 
 pytest.importorskip("flwr")
 
-from fedlora.config import default_config_path  # noqa: E402
-from fedlora.config import load_config  # noqa: E402
+from fedlora.config import (
+    default_config_path,  # noqa: E402
+    load_config,  # noqa: E402
+)
+from fedlora.experiment import build_experiment  # noqa: E402
 from fedlora.flower import client_app, codec  # noqa: E402
 from fedlora.flower.inprocess import InProcessGrid  # noqa: E402
+from fedlora.flower.run_config import (  # noqa: E402
+    NODE_BUDGET,
+    NODE_PARTITION,
+    RUN_CONFIG_FILE,
+    RUN_OVERRIDES,
+    config_from_run_config,
+)
 from fedlora.flower.server_app import GridRounds  # noqa: E402
-from fedlora.experiment import build_experiment  # noqa: E402
-from fedlora.flower.run_config import NODE_BUDGET, NODE_PARTITION, RUN_CONFIG_FILE, RUN_OVERRIDES, config_from_run_config  # noqa: E402
 from fedlora.runner import run  # noqa: E402
 from fedlora.simulate import simulate_round  # noqa: E402
 from fedlora.types import ClientTask, ClientUpdate, Factors, tensors_of  # noqa: E402
 
-from .conftest import tiny_overrides  # noqa: E402
+from ..conftest import tiny_overrides  # noqa: E402
 
 
 def flower_run(overrides, num_nodes, budgets=None, on_round=None):
@@ -118,7 +126,8 @@ def test_codec_round_trips_tasks_and_updates():
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     rnd, back = codec.decode_task(codec.encode_task(task, 7))
-    assert rnd == 7 and back.scale == 0.75 and back.freeze_A is True and back.config == task.config and back.fingerprint == "abc"
+    assert rnd == 7 and back.scale == 0.75 and back.freeze_A is True
+    assert back.config == task.config and back.fingerprint == "abc"
     for n in f:
         assert torch.equal(back.factors[n].A, f[n].A) and torch.equal(back.base_delta[n].B, d[n].B)
     assert torch.equal(back.head["classifier.weight"], task.head["classifier.weight"])

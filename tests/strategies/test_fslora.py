@@ -1,5 +1,5 @@
-"""FSLoRA (issue 2 acceptance 1-4): the sketch is applied, full budgets = FedAvg,
-sub-block training = gradient descent on W0 + s B S A, aggregation = float64 reference."""
+"""FSLoRA: the sketch is applied (only sampled columns/rows move), full budgets equal FedAvg,
+sub-block training is gradient descent on W0 + s B S A, aggregation equals a float64 reference."""
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ from fedlora.sketch import sketch_indices
 from fedlora.strategies.fslora import FSLoRA
 from fedlora.types import ClientSpec, ClientUpdate, Factors
 
-from .conftest import TinyRegressor
+from ..conftest import TinyRegressor
 
 SHAPES = {"up": (5, 6), "down": (4, 5)}
 

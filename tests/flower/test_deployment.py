@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 
 pytest.importorskip("flwr")
 
-from .conftest import tiny_overrides  # noqa: E402
+from ..conftest import tiny_overrides  # noqa: E402
 
-APP = Path(__file__).resolve().parents[1] / "examples" / "flower_app"
+APP = Path(__file__).resolve().parents[2] / "examples" / "flower_app"
 BIN = Path(sys.executable).parent
 
 
@@ -127,13 +127,13 @@ def test_local_deployment_survives_a_killed_supernode(tiny_bert_dir, tmp_path):
 @needs_flwr_cli
 def test_flwr_run_on_the_simulation_engine_gives_the_simulators_adapter(tiny_bert_dir, tmp_path):
     pytest.importorskip("ray", reason="the simulation engine needs flwr[simulation] (pip install fedlora[flower])")
-    from fedlora.config import default_config_path
-    from fedlora.config import load_config
+    from fedlora.config import default_config_path, load_config
     from fedlora.runner import run
     from fedlora.simulate import simulate_round
 
     kw = dict(data__num_clients=3, federation__fraction=1.0, federation__rounds=2)
-    run(load_config(default_config_path(), tiny_overrides(tiny_bert_dir, tmp_path / "sim", **kw)), simulate_round, progress=False)
+    sim = load_config(default_config_path(), tiny_overrides(tiny_bert_dir, tmp_path / "sim", **kw))
+    run(sim, simulate_round, progress=False)
     out = tmp_path / "flower"
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
     with superlink(tmp_path, "--simulation") as (env, _, procs):

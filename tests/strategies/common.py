@@ -1,0 +1,50 @@
+"""What the strategy tests share: four clients of unequal ranks and weights, a deterministic
+float64 "training" that moves every trainable factor, and the dense references.
+
+Every aggregator is checked against a naive float64 loop over these clients.
+"""
+
+import torch
+
+from fedlora.strategies import build_strategy
+from fedlora.types import ClientSpec, ClientUpdate, Factors
+
+SHAPES = {"q": (9, 7), "v": (6, 11)}
+BUDGETS = [2, 5, 3, 4]
+EXAMPLES = [10, 70, 5, 15]
+SPECS = [ClientSpec(cid=i, budget=b, num_examples=n) for i, (b, n) in enumerate(zip(BUDGETS, EXAMPLES))]
+
+
+def build(name, settings=None):
+    return build_strategy(name, SHAPES, BUDGETS, seed=0, global_rank=6, alpha=4.0, settings=settings)
+
+
+def train(tasks, seed=0):
+    """Deterministic fake training in float64: every trainable factor moves."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for cid, t in tasks.items():
+        f = {}
+        for n, x in t.factors.items():
+            A = x.A.double() + (torch.randn(x.A.shape, generator=g, dtype=torch.float64) if not t.freeze_A else 0)
+            B = x.B.double() + torch.randn(x.B.shape, generator=g, dtype=torch.float64)
+            f[n] = Factors(A=A, B=B)
+        out[cid] = ClientUpdate(factors=f, num_examples=EXAMPLES[cid], freeze_A=t.freeze_A)
+    return out
+
+
+def weights(cids):
+    total = sum(EXAMPLES[c] for c in cids)
+    return {c: EXAMPLES[c] / total for c in cids}
+
+
+def naive_dense(update_factors, scale):
+    return scale * update_factors.B @ update_factors.A
+
+
+def global_dense(strategy, name):
+    t = strategy.global_task()
+    d = t.scale * t.factors[name].B.double() @ t.factors[name].A.double()
+    if name in t.base_delta:
+        d = d + t.base_delta[name].B.double() @ t.base_delta[name].A.double()
+    return d
