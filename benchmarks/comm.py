@@ -14,8 +14,7 @@ import argparse
 
 from common import print_summary, summary_row
 
-from fedlora.config import StrategyConfig
-from fedlora.strategies import STRATEGIES, build_strategy
+from fedlora.strategies import METHODS, build_strategy
 from fedlora.types import ClientSpec, ClientUpdate, payload_nbytes
 
 LAYER = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
@@ -34,12 +33,12 @@ def main() -> None:
           f"global rank 64, round 2; MB (1e6 B) per client")
     print(f"{'method':>9} | " + " | ".join(f"r={b:<3} down / up (MB)" for b in budgets) + " | note")
     table = {}
-    for name in STRATEGIES:
-        s = build_strategy(StrategyConfig(name=name, global_rank=64), shapes, budgets, seed=0)
+    for name in METHODS:
+        s = build_strategy(name, shapes, budgets, seed=0, global_rank=64, alpha=16.0)
         cells, note = [], ""
         for rnd in (1, 2):  # round 2 shows what accumulates (FLoRA's merged delta)
             tasks = s.configure(rnd, specs)
-            ups = {c: ClientUpdate(factors=t.factors, num_examples=100, frozen_A=not t.train_A)
+            ups = {c: ClientUpdate(factors=t.factors, num_examples=100, freeze_A=t.freeze_A)
                    for c, t in tasks.items()}
             if rnd == 2:
                 cells = [(payload_nbytes(tasks[c]) * layers / 1e6, payload_nbytes(ups[c]) * layers / 1e6)

@@ -47,23 +47,25 @@ def round_times(out: Path) -> list[float]:
 
 
 def simulator(ov: list[str]) -> None:
-    from fedlora.cli import default_config_path
-    from fedlora.config import load_config
-    from fedlora.simulate import run
+    from fedlora.config import default_config_path, load_config
+    from fedlora.runner import run
+    from fedlora.simulate import simulate_round
 
-    run(load_config(default_config_path(), ov), overwrite=True, progress=False)
+    run(load_config(default_config_path(), ov), simulate_round, overwrite=True, progress=False)
 
 
 def inprocess_grid(ov: list[str]) -> None:
-    from fedlora.flower import client_app, codec
+    from fedlora.experiment import build_experiment
+    from fedlora.flower import client_app
     from fedlora.flower.inprocess import InProcessGrid
+    from fedlora.flower.run_config import NODE_PARTITION, RUN_CONFIG_FILE, RUN_OVERRIDES, config_from_run_config
     from fedlora.flower.server_app import GridRounds
-    from fedlora.simulate import build_experiment, run
+    from fedlora.runner import run
 
-    rc = {codec.RUN_CONFIG_FILE: "", codec.RUN_OVERRIDES: shlex.join(ov)}
-    grid = InProcessGrid(client_app.app, [{codec.NODE_PARTITION: i} for i in range(3)], rc)
-    cfg = codec.config_from_run_config(rc)
-    run(cfg, overwrite=True, progress=False, exp=build_experiment(cfg), round_fn=GridRounds(grid, 3, 60))
+    rc = {RUN_CONFIG_FILE: "", RUN_OVERRIDES: shlex.join(ov)}
+    grid = InProcessGrid(client_app.app, [{NODE_PARTITION: i} for i in range(3)], rc)
+    cfg = config_from_run_config(rc)
+    run(cfg, GridRounds(grid, 3, 60), overwrite=True, progress=False, exp=build_experiment(cfg))
 
 
 def free_port() -> int:
@@ -118,9 +120,10 @@ def flwr_run(ov: list[str], out: Path, work: Path, simulation: bool) -> None:
 
 def fresh_clientapp(rc_overrides: list[str]) -> float:
     """Seconds for a new Python process to import the ClientApp and build its experiment."""
-    code = ("import time, shlex; t = time.perf_counter(); from fedlora.flower import client_app, codec; "
-            "from fedlora.simulate import build_experiment; "
-            f"build_experiment(codec.config_from_run_config({{'overrides': {shlex.join(rc_overrides)!r}}})); "
+    code = ("import time, shlex; t = time.perf_counter(); from fedlora.flower import client_app; "
+            "from fedlora.experiment import build_experiment; "
+            "from fedlora.flower.run_config import config_from_run_config; "
+            f"build_experiment(config_from_run_config({{'overrides': {shlex.join(rc_overrides)!r}}})); "
             "print(time.perf_counter() - t)")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

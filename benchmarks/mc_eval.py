@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def full_rows(model, tokenizer, prompts, answers, gold, max_length, batch_size) -> torch.Tensor:
     """The previous evaluation: every (prompt, answer) row through the model, then the gold rows
     once more for the answer loss."""
-    from fedlora.causal import answer_logprobs, encode_pairs
+    from fedlora.encoding import encode_pairs
+    from fedlora.evaluate import answer_logprobs
 
     rows = encode_pairs(tokenizer, [p for p in prompts for _ in answers], list(answers) * len(prompts), max_length)
     gold_rows = encode_pairs(tokenizer, prompts, [answers[g] for g in gold], max_length)
@@ -75,7 +76,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a tiny random Llama on 24 questions (seconds)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    from fedlora.causal import choice_logprobs, encode_choices
+    from fedlora.encoding import encode_choices
+    from fedlora.evaluate import choice_logprobs
 
     model, tok, prompts, answers, gold, max_length, batch = load(args.quick)
     torch.set_grad_enabled(False)

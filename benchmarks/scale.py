@@ -67,9 +67,10 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from fedlora.config import load_config
+    from fedlora.experiment import build_experiment
     from fedlora.server import FederatedServer
-    from fedlora.simulate import build_experiment, simulate_round
-    from fedlora.strategies import STRATEGIES, build_strategy
+    from fedlora.simulate import simulate_round
+    from fedlora.strategies import METHODS, build_strategy
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke test: 200 clients, 3 rounds")
@@ -113,8 +114,9 @@ def main() -> None:
     print(f"\nevery strategy, {per_strategy} rounds on the same {population} clients: server state KiB "
           "(kept across rounds)")
     print(f"{'method':>9} | {'round 1':>9} {f'round {per_strategy}':>9} | {'RSS Δ MB':>8}")
-    for name in STRATEGIES:
-        strategy = build_strategy(dataclasses.replace(cfg.strategy, name=name), exp.lm.shapes(), exp.budgets, cfg.seed)
+    for name in METHODS:
+        s = cfg.strategy
+        strategy = build_strategy(name, exp.lm.shapes(), exp.budgets, cfg.seed, s.global_rank, s.alpha, s.rslora)
         exp.server = FederatedServer(strategy, exp.lm.head_state(), exp.budgets, [len(c) for c in exp.data.clients],
                                      fingerprint=exp.lm.fingerprint, seed=cfg.seed)
         sizes, r0 = [], rss_mb()

@@ -1,6 +1,6 @@
 """Server aggregation cost against clients per round and layer shape, per strategy, in one run.
 
-Every registered strategy (``fedlora.strategies.STRATEGIES``) aggregates synthetic
+Every registered strategy (``fedlora.strategies.METHODS``) aggregates synthetic
 updates built from its own tasks (the task's factors plus seeded noise), over one
 module. Budgets cycle {8, 16, 32}, global rank 64. Only ``Strategy.aggregate`` is timed
 (median of a few repetitions, each on a fresh strategy); tasks and updates are built
@@ -30,8 +30,7 @@ from collections.abc import Sequence
 import torch
 from common import print_summary, summary_row, torch_peak_mb
 
-from fedlora.config import StrategyConfig
-from fedlora.strategies import STRATEGIES, build_strategy
+from fedlora.strategies import METHODS, build_strategy
 from fedlora.types import ClientSpec, ClientUpdate, Factors
 
 LINEAR = ("fslora", "hetlora", "fedit")  # the strategies the issue asks to be linear in clients
@@ -39,12 +38,12 @@ LINEAR = ("fslora", "hetlora", "fedit")  # the strategies the issue asks to be l
 
 def build_round(name: str, shape: tuple[int, int], budgets: Sequence[int]):
     """A fresh strategy that has configured one round, and the round's synthetic updates."""
-    s = build_strategy(StrategyConfig(name=name, global_rank=64), {"layer": shape}, budgets, seed=0)
+    s = build_strategy(name, {"layer": shape}, budgets, seed=0, global_rank=64, alpha=16.0)
     tasks = s.configure(1, [ClientSpec(i, b, 100 + i) for i, b in enumerate(budgets)])
     g = torch.Generator().manual_seed(0)
     ups = {c: ClientUpdate({k: Factors(f.A + 0.01 * torch.randn(f.A.shape, generator=g),
                                        f.B + 0.01 * torch.randn(f.B.shape, generator=g))
-                            for k, f in t.factors.items()}, 100 + c, frozen_A=not t.train_A)
+                            for k, f in t.factors.items()}, 100 + c, freeze_A=t.freeze_A)
            for c, t in tasks.items()}
     return s, ups
 
@@ -91,7 +90,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke test: small layers, 10 and 100 clients")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    names = list(STRATEGIES)
+    names = list(METHODS)
     rows = []
 
     shape = (256, 256) if args.quick else (1024, 1024)

@@ -26,9 +26,8 @@ from common import print_summary, summary_row
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from fedlora import client as client_mod
-from fedlora import simulate
-from fedlora.cli import default_config_path
-from fedlora.config import load_config
+from fedlora import experiment, simulate
+from fedlora.config import default_config_path, load_config
 
 SPENT: dict[str, float] = defaultdict(float)
 WORK = ("forward", "backward", "optimiser step")
@@ -80,8 +79,8 @@ def instrument(exp) -> Callable[[], None]:
     lm.head_state = timed("build the update (copy factors, head)", lm.head_state)
     server.configure = timed("task building (configure)", server.configure)
     server.aggregate = timed("screening + aggregation", server.aggregate)
-    batches, make_opt = simulate.train_batches, client_mod.make_optimizer
-    simulate.train_batches = timed_iter("batching", batches)
+    batches, make_opt = experiment.train_batches, client_mod.make_optimizer
+    experiment.train_batches = timed_iter("batching", batches)
     client_mod.make_optimizer = timed("optimiser construction", make_opt)
 
     def undo() -> None:
@@ -89,7 +88,7 @@ def instrument(exp) -> Callable[[], None]:
         torch.optim.Optimizer.zero_grad, torch.nn.utils.clip_grad_norm_ = zero_grad, clip
         pre.remove()
         post.remove()
-        simulate.train_batches, client_mod.make_optimizer = batches, make_opt
+        experiment.train_batches, client_mod.make_optimizer = batches, make_opt
         for obj, names in ((lm.model, ["forward"]), (lm, ["load", "factors", "head_state"]),
                            (server, ["configure", "aggregate"])):
             for n in names:
@@ -108,7 +107,7 @@ def main() -> None:
                  "train.local_steps=2", "federation.rounds=1"]
     cfg = load_config(default_config_path(), over)
     t0 = time.perf_counter()
-    exp = simulate.build_experiment(cfg)
+    exp = experiment.build_experiment(cfg)
     build = time.perf_counter() - t0
     undo = instrument(exp)
     round_times = []
