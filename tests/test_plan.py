@@ -1,4 +1,4 @@
-"""`fedlora plan` (issue 8 acceptance 4): monotone in memory, exact LoRA parameter counts."""
+"""`fedlora plan`: monotone in memory, exact LoRA parameter counts, one-line errors for bad device files."""
 
 import pytest
 import torch
@@ -9,18 +9,16 @@ from fedlora.lora import LoRAModel
 from fedlora.plan import Device, largest_rank, lora_params, memory_bytes, profile_model, read_devices
 from fedlora.types import ClientTask, Factors
 
-from .test_causal import tiny_llama_dir  # noqa: F401  (fixture)
-
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
-def profile(tiny_llama_dir):  # noqa: F811
+def profile(tiny_llama_dir):
     return profile_model(ModelConfig(name=str(tiny_llama_dir), task="causal-lm", targets=TARGETS))
 
 
 @pytest.mark.parametrize("rank", [1, 3, 8, 16])
-def test_lora_parameter_count_matches_the_injected_adapters(tiny_llama_dir, profile, rank):  # noqa: F811
+def test_lora_parameter_count_matches_the_injected_adapters(tiny_llama_dir, profile, rank):
     from transformers import AutoModelForCausalLM
 
     lm = LoRAModel(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)), TARGETS)
@@ -43,7 +41,7 @@ def test_more_memory_never_means_a_smaller_rank(profile):
             assert big >= small
 
 
-def test_plan_command_prints_a_table_and_writes_budgets(tiny_llama_dir, tmp_path, capsys):  # noqa: F811
+def test_plan_command_prints_a_table_and_writes_budgets(tiny_llama_dir, tmp_path, capsys):
     devices = tmp_path / "d.toml"
     devices.write_text('[[device]]\nname = "slow"\nmemory_gb = 4\nupload_mbps = 0.001\n\n'
                        '[[device]]\nname = "fast"\nmemory_gb = 4\nupload_mbps = 1000\n\n'

