@@ -85,3 +85,18 @@ def stack(parts: list[Factors], weights: list[float]) -> tuple[Tensor, Tensor]:
     B = torch.cat([w * f.B for f, w in zip(parts, weights)], 1)
     A = torch.cat([f.A for f in parts], 0)
     return B, A
+
+
+def add_to_delta(delta: Factors | None, parts: list[Factors], weights: list[float]) -> Factors:
+    """A cumulative frozen delta plus ``Σ w_i B_i A_i``, kept as stacked factors.
+
+    The stacked rank grows by ``Σ r_i`` per call; once it reaches ``min(m, n)`` the sum is
+    re-factored exactly (:func:`svd_of_product`, balanced split, scale 1), so it never
+    exceeds ``min(m, n)``. ``delta`` None: there is nothing yet.
+    """
+    old = [delta] if delta is not None else []
+    B, A = stack(old + parts, [1.0] * len(old) + weights)
+    if B.shape[1] >= min(B.shape[0], A.shape[1]):  # lossless re-factoring keeps the rank <= min(m, n)
+        d = svd_of_product(B, A)
+        return d.truncate(d.S.numel(), 1.0, "balanced")
+    return Factors(A=A, B=B)
