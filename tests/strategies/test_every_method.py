@@ -11,7 +11,8 @@ from .common import SHAPES, SPECS, build, global_dense, train
 
 
 def test_registry_has_every_method():
-    assert set(METHODS) == {"fslora", "flexlora", "hetlora", "flora", "fedit", "ffa", "fullrank", "florist", "raflora"}
+    assert set(METHODS) == {"fslora", "flexlora", "hetlora", "flora", "fedit", "ffa", "fullrank",
+                            "florist", "raflora", "plora"}
 
 
 def plain(x):
@@ -23,7 +24,7 @@ def plain(x):
     return isinstance(x, (torch.Tensor, int, float, str))
 
 
-@pytest.mark.parametrize("name", ["florist", "raflora"])
+@pytest.mark.parametrize("name", ["florist", "raflora", "plora"])
 def test_state_dict_holds_only_plain_types(name):
     s = build(name)
     s.aggregate(1, train(s.configure(1, SPECS)))
@@ -55,7 +56,7 @@ def test_state_dict_round_trip(name):
         torch.testing.assert_close(global_dense(t, n), global_dense(s, n))
 
 
-@pytest.mark.parametrize("name", ["flexlora", "flora", "florist", "raflora"])
+@pytest.mark.parametrize("name", ["flexlora", "flora", "florist", "raflora", "plora"])
 def test_rank_scaled_aggregation_needs_no_memory_of_the_tasks(name):
     """s_i comes from the uploaded rank: a server restored between configure and aggregate
     (or one that never configured this round) aggregates exactly like the original."""

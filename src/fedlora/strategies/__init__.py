@@ -12,9 +12,9 @@ from typing import Any
 
 from ..methods import METHODS, BuildContext, Method, get_method, register
 from ..types import Strategy
-from . import fedit, ffa, flexlora, flora, florist, fslora, fullrank, hetlora, raflora
+from . import fedit, ffa, flexlora, flora, florist, fslora, fullrank, hetlora, plora, raflora
 
-for _module in (fslora, flexlora, hetlora, flora, fedit, ffa, fullrank, florist, raflora):
+for _module in (fslora, flexlora, hetlora, flora, fedit, ffa, fullrank, florist, raflora, plora):
     register(_module.METHOD)
 
 
