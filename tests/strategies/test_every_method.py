@@ -12,7 +12,7 @@ from .common import SHAPES, SPECS, build, global_dense, train
 
 def test_registry_has_every_method():
     assert set(METHODS) == {"fslora", "flexlora", "hetlora", "flora", "fedit", "ffa", "fullrank",
-                            "florist", "raflora", "plora"}
+                            "florist", "raflora", "plora", "fedex"}
 
 
 def plain(x):
@@ -24,7 +24,7 @@ def plain(x):
     return isinstance(x, (torch.Tensor, int, float, str))
 
 
-@pytest.mark.parametrize("name", ["florist", "raflora", "plora"])
+@pytest.mark.parametrize("name", ["florist", "raflora", "plora", "fedex"])
 def test_state_dict_holds_only_plain_types(name):
     s = build(name)
     s.aggregate(1, train(s.configure(1, SPECS)))
