@@ -80,8 +80,36 @@ def svd_of_product(B: Tensor, A: Tensor) -> SVD:
     return factored_svd(B, A) if R < min(m, n) else dense_svd(B, A)
 
 
+def energy_rank(S: Tensor, energy: float) -> int:
+    """The smallest ``k`` with ``Σ_{j≤k} σ_j² ≥ energy · Σ_j σ_j²`` (``S`` non-increasing).
+
+    ``energy >= 1`` keeps every nonzero component (round-off cannot leave the cumulative sum
+    short of its total); when every ``σ`` is 0 there is nothing to keep: 0.
+    """
+    nonzero = int((S > 0).sum())
+    if energy >= 1 or nonzero == 0:
+        return nonzero
+    cum = (S.double() ** 2).cumsum(0)
+    return min(int(torch.searchsorted(cum, cum[-1:] * energy).item()) + 1, nonzero)
+
+
 def stack(parts: list[Factors], weights: list[float]) -> tuple[Tensor, Tensor]:
     """``𝐁 = [w_1 B_1, …]`` and ``𝐀 = [A_1; …]`` so that ``𝐁 𝐀 = Σ w_i B_i A_i`` exactly."""
     B = torch.cat([w * f.B for f, w in zip(parts, weights)], 1)
     A = torch.cat([f.A for f in parts], 0)
     return B, A
+
+
+def add_to_delta(delta: Factors | None, parts: list[Factors], weights: list[float]) -> Factors:
+    """A cumulative frozen delta plus ``Σ w_i B_i A_i``, kept as stacked factors.
+
+    The stacked rank grows by ``Σ r_i`` per call; once it reaches ``min(m, n)`` the sum is
+    re-factored exactly (:func:`svd_of_product`, balanced split, scale 1), so it never
+    exceeds ``min(m, n)``. ``delta`` None: there is nothing yet.
+    """
+    old = [delta] if delta is not None else []
+    B, A = stack(old + parts, [1.0] * len(old) + weights)
+    if B.shape[1] >= min(B.shape[0], A.shape[1]):  # lossless re-factoring keeps the rank <= min(m, n)
+        d = svd_of_product(B, A)
+        return d.truncate(d.S.numel(), 1.0, "balanced")
+    return Factors(A=A, B=B)

@@ -133,6 +133,17 @@ def clone(state: LoRAState) -> LoRAState:
     return {n: Factors(A=f.A.clone(), B=f.B.clone()) for n, f in state.items()}
 
 
+def to_plain(state: LoRAState) -> dict[str, dict[str, Tensor]]:
+    """``{module: {"A": A, "B": B}}`` (cloned): a ``state_dict`` entry of dicts and tensors
+    only, so a checkpoint holds no custom objects."""
+    return {n: {"A": f.A.clone(), "B": f.B.clone()} for n, f in state.items()}
+
+
+def from_plain(plain: Mapping[str, Mapping[str, Tensor]]) -> LoRAState:
+    """Inverse of :func:`to_plain` (cloned)."""
+    return {n: Factors(A=f["A"].clone(), B=f["B"].clone()) for n, f in plain.items()}
+
+
 def dense(f: Factors, scale: float = 1.0) -> Tensor:
     """The dense update ``scale * B @ A`` (for references and small layers only)."""
     return scale * (f.B @ f.A)

@@ -11,7 +11,24 @@ from .common import SHAPES, SPECS, build, global_dense, train
 
 
 def test_registry_has_every_method():
-    assert set(METHODS) == {"fslora", "flexlora", "hetlora", "flora", "fedit", "ffa", "fullrank"}
+    assert set(METHODS) == {"fslora", "flexlora", "hetlora", "flora", "fedit", "ffa", "fullrank",
+                            "florist", "raflora", "plora", "fedex"}
+
+
+def plain(x):
+    """Only tensors, ints, floats, strings, lists and dicts (what safetensors-style storage takes)."""
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and plain(v) for k, v in x.items())
+    if isinstance(x, list):
+        return all(plain(v) for v in x)
+    return isinstance(x, (torch.Tensor, int, float, str))
+
+
+@pytest.mark.parametrize("name", ["florist", "raflora", "plora", "fedex"])
+def test_state_dict_holds_only_plain_types(name):
+    s = build(name)
+    s.aggregate(1, train(s.configure(1, SPECS)))
+    assert plain(s.state_dict())
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -39,7 +56,7 @@ def test_state_dict_round_trip(name):
         torch.testing.assert_close(global_dense(t, n), global_dense(s, n))
 
 
-@pytest.mark.parametrize("name", ["flexlora", "flora"])
+@pytest.mark.parametrize("name", ["flexlora", "flora", "florist", "raflora", "plora"])
 def test_rank_scaled_aggregation_needs_no_memory_of_the_tasks(name):
     """s_i comes from the uploaded rank: a server restored between configure and aggregate
     (or one that never configured this round) aggregates exactly like the original."""

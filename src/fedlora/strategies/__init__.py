@@ -12,9 +12,9 @@ from typing import Any
 
 from ..methods import METHODS, BuildContext, Method, get_method, register
 from ..types import Strategy
-from . import fedit, ffa, flexlora, flora, fslora, fullrank, hetlora
+from . import fedex, fedit, ffa, flexlora, flora, florist, fslora, fullrank, hetlora, plora, raflora
 
-for _module in (fslora, flexlora, hetlora, flora, fedit, ffa, fullrank):
+for _module in (fslora, flexlora, hetlora, flora, fedit, ffa, fullrank, florist, raflora, plora, fedex):
     register(_module.METHOD)
 
 

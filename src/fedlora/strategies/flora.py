@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..lowrank import stack, svd_of_product
+from ..lowrank import add_to_delta
 from ..methods import Method, first_line
 from ..seeding import torch_generator
 from ..state import clone, init_factors, lora_scale, round_weights
@@ -45,17 +45,11 @@ class FLoRA:
         if not updates:
             return {}
         cids, p = round_weights(updates)
-        for name, (m, n) in self.shapes.items():
+        for name in self.shapes:
             new = [updates[c].factors[name] for c in cids]
             # s_i follows from the rank the client trained: no memory of the tasks needed
             weights = [w * lora_scale(self.alpha, f.rank, self.rslora) for w, f in zip(p, new)]
-            old = [self.delta[name]] if name in self.delta else []
-            B, A = stack(old + new, [1.0] * len(old) + weights)
-            if B.shape[1] >= min(m, n):  # lossless re-factoring keeps the rank <= min(m, n)
-                d = svd_of_product(B, A)
-                f = d.truncate(d.S.numel(), 1.0, "balanced")
-                B, A = f.B, f.A
-            self.delta[name] = Factors(A=A, B=B)
+            self.delta[name] = add_to_delta(self.delta.get(name), new, weights)
         return {"delta_rank": float(next(iter(self.delta.values())).rank)}
 
     def global_task(self) -> ClientTask:
