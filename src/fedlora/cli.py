@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import default_config_path, load_config
+from .config import ModelConfig, TrainConfig, default_config_path, load_config, options
 from .errors import ConfigError
 from .strategies import METHODS
 
@@ -68,17 +68,18 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .config import ModelConfig
     from .plan import plan, profile_model, read_devices, write_budgets
 
     devices = read_devices(Path(args.devices))
     if args.global_rank <= 0 or args.batch <= 0 or args.seq <= 0:
         raise ConfigError("--global-rank, --batch and --seq must be positive")
-    mc = ModelConfig(name=args.model, task=args.task, targets=_csv(args.targets), dtype=args.dtype)
+    mc = ModelConfig(name=args.model, task=args.task, targets=_csv(args.targets), dtype=args.dtype,
+                     quantization=args.quantization)
     mc.validate()
-    prof = profile_model(mc)
+    prof = profile_model(mc, args.precision)
     rows = plan(prof, devices, args.global_rank, args.batch, args.seq)
-    print(f"{args.model}: {prof.base_bytes / 2**30:.2f} GiB of base weights, {len(prof.shapes)} adapted layers, "
+    base = f"{args.quantization} " if args.quantization != "none" else f"{args.dtype} "
+    print(f"{args.model}: {prof.base_bytes / 2**30:.2f} GiB of {base}base weights, {len(prof.shapes)} adapted layers, "
           f"LoRA {sum(o + i for o, i in prof.shapes.values())} params per rank; batch {args.batch} x {args.seq}")
     print(f"{'device':<16} {'rank':>5} {'k/r':>6} {'memory GiB':>11} {'upload s':>9}")
     for r in rows:
@@ -150,10 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--devices", required=True, help="TOML file of [[device]] tables")
     p.add_argument("--model", default="builtin:smollm2", help="model name or directory (default: %(default)s)")
-    p.add_argument("--task", default="causal-lm", choices=["causal-lm", "classification"])
+    p.add_argument("--task", default="causal-lm", choices=options(ModelConfig, "task"))
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,up_proj,down_proj",
                    help="adapted module names (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="base weights")
+    p.add_argument("--dtype", default="float32", choices=options(ModelConfig, "dtype"), help="base weights")
+    p.add_argument("--quantization", default="none", choices=options(ModelConfig, "quantization"),
+                   help="a 4-bit (NF4) or 8-bit base, as model.quantization (default: %(default)s)")
+    p.add_argument("--precision", default="fp32", choices=options(TrainConfig, "precision"),
+                   help="compute precision, as train.precision: activations and a quantised base's "
+                   "unquantised weights (default: %(default)s)")
     p.add_argument("--global-rank", type=int, default=64, help="the server's rank r (default: %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="local batch size (default: %(default)s)")
     p.add_argument("--seq", type=int, default=128, help="sequence length (default: %(default)s)")

@@ -1,6 +1,7 @@
 """Evaluating a model: classification accuracy, multiple-choice log-likelihood, generation.
 
-Everything here runs under ``torch.no_grad`` on a model whose adapters are already loaded.
+Everything here runs under ``torch.inference_mode`` (no autograd state is kept) on a model
+whose adapters are already loaded, on the device the model lives on.
 """
 
 from __future__ import annotations
@@ -12,16 +13,23 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .device import to_device
 from .encoding import IGNORE, ChoiceQuestions, render_prompt
 
 
-@torch.no_grad()
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
 def classification_metrics(model, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
     """Accuracy and mean cross-entropy of a sequence classifier."""
     model.eval()
+    device = _device(model)
     correct, loss_sum, count = 0, 0.0, 0
     for batch in batches:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        batch = to_device(batch, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"]
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(-1) == labels).sum().item()
@@ -39,7 +47,7 @@ def answer_logprobs(model, input_ids: Tensor, attention_mask: Tensor, labels: Te
     return (picked * (targets != IGNORE)).sum(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def choice_logprobs(model, questions: ChoiceQuestions, batch_size: int = 16) -> Tensor:
     """``(Q, C)`` summed log-probability of every answer after every prompt.
 
@@ -49,10 +57,11 @@ def choice_logprobs(model, questions: ChoiceQuestions, batch_size: int = 16) -> 
     ``1 / C`` of the cost.
     """
     model.eval()
+    device = _device(model)
     prompts, out = questions.prompts, []
     cache_argument = _cache_argument(model)
     for start in range(0, len(prompts), batch_size):
-        b = prompts.batch(torch.arange(start, min(start + batch_size, len(prompts))))
+        b = to_device(prompts.batch(torch.arange(start, min(start + batch_size, len(prompts)))), device)
         ids, mask = b["input_ids"], b["attention_mask"]
         n, lengths = len(ids), mask.sum(1)
         ctx = model(input_ids=ids, attention_mask=mask, use_cache=True)
@@ -60,17 +69,17 @@ def choice_logprobs(model, questions: ChoiceQuestions, batch_size: int = 16) -> 
         after_prompt = torch.log_softmax(ctx.logits[torch.arange(n), lengths - 1].float(), -1)  # (n, V)
         scores = []
         for answer in questions.answers:
-            a = torch.tensor(answer, dtype=torch.long)
+            a = torch.tensor(answer, dtype=torch.long, device=device)
             score = after_prompt[:, a[0]]
             if len(a) > 1:  # feed a[:-1] after the prompt; it predicts a[1:]
                 k = len(a) - 1
                 cont = model(input_ids=a[:-1].expand(n, k), attention_mask=torch.cat([mask, mask.new_ones(n, k)], 1),
-                             position_ids=lengths[:, None] + torch.arange(k),
+                             position_ids=lengths[:, None] + torch.arange(k, device=device),
                              use_cache=True, **{cache_argument: copy.deepcopy(cache)})
                 logp = torch.log_softmax(cont.logits.float(), -1)  # (n, k, V)
                 score = score + logp.gather(-1, a[1:].expand(n, k).unsqueeze(-1)).squeeze(-1).sum(1)
             scores.append(score)
-        out.append(torch.stack(scores, 1))
+        out.append(torch.stack(scores, 1).cpu())
     return torch.cat(out)
 
 

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from .budgets import client_budgets
-from .client import local_train
+from .client import local_train, round_lr
 from .config import RunConfig
 from .data import TextDataset, load_text_dataset, split_clients, subsample
+from .device import autocast, resolve_device
 from .encoding import (
     ChoiceQuestions,
     Encoded,
@@ -84,8 +85,10 @@ def build_data(cfg: RunConfig, ds: TextDataset, tokenizer) -> FederatedData:
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:
+    """Data, model (on ``train.device``), budgets and server, from ``cfg``."""
+    device = resolve_device(cfg.train.device)
     ds = subsample(load_text_dataset(cfg.data), cfg.data.max_examples, cfg.seed)
-    loaded = load_model(cfg.model, num_labels=len(ds.label_names), seed=cfg.seed)
+    loaded = load_model(cfg.model, len(ds.label_names), cfg.seed, device, cfg.train.precision)
     data = build_data(cfg, ds, loaded.tokenizer)
     try:
         lm = LoRAModel(loaded.model, cfg.model.targets, head=loaded.head, dropout=cfg.model.dropout)
@@ -106,11 +109,12 @@ def build_experiment(cfg: RunConfig) -> Experiment:
 
 def train_client(exp: Experiment, rnd: int, cid: int, task: ClientTask) -> ClientUpdate:
     """One client's local round; its randomness depends only on (seed, round, client)."""
-    cfg = exp.cfg
+    cfg, train = exp.cfg, exp.cfg.train
     torch.manual_seed(derive_seed(cfg.seed, "dropout", rnd, cid))
-    batches = train_batches(exp.data.encoded, exp.data.clients[cid], cfg.train.batch_size,
-                            cfg.train.local_steps, torch_generator(cfg.seed, "batches", rnd, cid))
-    return local_train(exp.lm, task, batches, cfg.train, len(exp.data.clients[cid]))
+    batches = train_batches(exp.data.encoded, exp.data.clients[cid], train.batch_size,
+                            train.local_steps * train.grad_accum_steps, torch_generator(cfg.seed, "batches", rnd, cid))
+    return local_train(exp.lm, task, batches, train, len(exp.data.clients[cid]),
+                       lr=round_lr(train, rnd, cfg.federation.rounds))
 
 
 def evaluate_global(exp: Experiment) -> dict[str, float]:
@@ -118,6 +122,7 @@ def evaluate_global(exp: Experiment) -> dict[str, float]:
     of picking the right label by log-likelihood, and the answer-token loss)."""
     exp.lm.load(exp.server.global_task())
     batch_size = exp.cfg.federation.eval_batch_size
-    if exp.data.questions is None:
-        return classification_metrics(exp.lm.model, eval_batches(exp.data.encoded, exp.data.test, batch_size))
-    return choice_metrics(choice_logprobs(exp.lm.model, exp.data.questions, batch_size), exp.data.questions)
+    with autocast(exp.lm.device, exp.cfg.train.precision):
+        if exp.data.questions is None:
+            return classification_metrics(exp.lm.model, eval_batches(exp.data.encoded, exp.data.test, batch_size))
+        return choice_metrics(choice_logprobs(exp.lm.model, exp.data.questions, batch_size), exp.data.questions)

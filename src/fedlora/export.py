@@ -26,12 +26,14 @@ def merged_factors(task: ClientTask) -> LoRAState:
     return out
 
 
-def save_peft_adapter(task: ClientTask, out_dir: Path, base_model: str, alpha: float) -> Path:
+def save_peft_adapter(task: ClientTask, out_dir: Path, base_model: str, alpha: float,
+                      fan_in_fan_out: bool = False) -> Path:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``out_dir``.
 
     The rank is the merged rank; ``B`` is rescaled so PEFT's ``alpha / r`` reproduces
     the global model exactly. Head parameters go under their own names
-    (``modules_to_save``), as PEFT writes them.
+    (``modules_to_save``), as PEFT writes them. ``fan_in_fan_out``: the adapted layers store
+    their weight transposed (GPT-2's Conv1D); the factors themselves are the same.
     """
     factors = merged_factors(task)
     rank = max([1, *(f.rank for f in factors.values())])  # PEFT needs r >= 1
@@ -57,7 +59,7 @@ def save_peft_adapter(task: ClientTask, out_dir: Path, base_model: str, alpha: f
         "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in task.head}) or None,
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "use_rslora": False,
         "init_lora_weights": True,
     }

@@ -1,7 +1,10 @@
-"""LoRA on any ``nn.Linear``: a wrapper whose rank and scale the strategy sets each round.
+"""LoRA on any linear-like layer: a wrapper whose rank and scale the strategy sets each round.
 
-The layer never derives its scale from its own rank: a client that trains a sketched
-rank-``k`` block of a rank-``r`` adapter must use the strategy's ``s * r / k``.
+Linear-like: ``nn.Linear``, bitsandbytes' quantised linears (whose packed weight is not
+the dense matrix) and transformers' ``Conv1D`` (GPT-2, weight stored transposed). The
+wrapper calls the base layer's own forward and adds the low-rank path, so it never needs
+the base weight itself. The layer never derives its scale from its own rank: a client that
+trains a sketched rank-``k`` block of a rank-``r`` adapter must use the strategy's ``s * r / k``.
 """
 
 from __future__ import annotations
@@ -12,50 +15,68 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from .types import ClientTask, Factors, LoRAState
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """``(out_features, in_features)`` of a linear-like layer, or None for anything else."""
+    if isinstance(module, Conv1D):  # GPT-2's transposed linear: nf outputs, nx inputs
+        return module.nf, module.nx
+    out_f, in_f = getattr(module, "out_features", None), getattr(module, "in_features", None)
+    if isinstance(out_f, int) and isinstance(in_f, int):  # nn.Linear and bitsandbytes' Linear4bit/8bitLt
+        return out_f, in_f
+    return None
 
 
 class LoRALinear(nn.Module):
     """``y = base(x) + scale * dropout(x) @ A.T @ B.T  [+ x @ A_d.T @ B_d.T]``."""
 
-    def __init__(self, base: nn.Linear, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Module, dropout: float = 0.0) -> None:
         super().__init__()
-        self.base = base
+        shape = linear_shape(base)
+        if shape is None:
+            raise TypeError(f"{type(base).__name__} is not a linear-like layer")
+        self.base, self.shape = base, shape
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale = 0.0
-        out_f, in_f = base.weight.shape
-        # LoRA weights stay float32 over a bf16/fp16 base (as PEFT does): small, and exact.
-        low = base.weight.dtype in (torch.bfloat16, torch.float16)
-        self.lora_dtype = torch.float32 if low else base.weight.dtype
-        self.lora_A = nn.Parameter(base.weight.new_zeros(0, in_f, dtype=self.lora_dtype))  # (r, in)
-        self.lora_B = nn.Parameter(base.weight.new_zeros(out_f, 0, dtype=self.lora_dtype))  # (out, r)
+        ref = next(base.parameters())
+        # LoRA weights stay float32 over a bf16/fp16 or quantised (integer-packed) base, as PEFT
+        # does: small, and exact; a float64 base (tests) keeps float64.
+        self.lora_dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
+        out_f, in_f = shape
+        empty = {"dtype": self.lora_dtype, "device": ref.device}
+        self.lora_A = nn.Parameter(torch.zeros(0, in_f, **empty))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_f, 0, **empty))  # (out, r)
         # Frozen low-rank delta merged "into the base" by strategies such as FLoRA.
-        self.register_buffer("delta_A", base.weight.new_zeros(0, in_f, dtype=self.lora_dtype), persistent=False)
-        self.register_buffer("delta_B", base.weight.new_zeros(out_f, 0, dtype=self.lora_dtype), persistent=False)
+        self.register_buffer("delta_A", torch.zeros(0, in_f, **empty), persistent=False)
+        self.register_buffer("delta_B", torch.zeros(out_f, 0, **empty), persistent=False)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        out_f, in_f = self.base.weight.shape
-        return out_f, in_f
+    def device(self) -> torch.device:
+        return self.lora_A.device
+
+    def _own(self, t: Tensor) -> Tensor:
+        """A private copy of ``t`` on this layer's device, in the LoRA dtype."""
+        return t.detach().to(device=self.device, dtype=self.lora_dtype, copy=True)
 
     def set_factors(self, f: Factors, scale: float, freeze_A: bool = False) -> None:
         """Load a pair of any rank (copied, so the caller's tensors are never trained)."""
         if f.shape != self.shape:
             raise ValueError(f"factors of shape {f.shape} do not fit a layer of shape {self.shape}")
-        self.lora_A = nn.Parameter(f.A.detach().to(self.lora_dtype).clone(), requires_grad=not freeze_A)
-        self.lora_B = nn.Parameter(f.B.detach().to(self.lora_dtype).clone())
+        self.lora_A = nn.Parameter(self._own(f.A), requires_grad=not freeze_A)
+        self.lora_B = nn.Parameter(self._own(f.B))
         self.scale = float(scale)
 
     def set_delta(self, f: Factors | None) -> None:
         out_f, in_f = self.shape
-        w = self.base.weight
-        dt = self.lora_dtype
-        self.delta_A = w.new_zeros(0, in_f, dtype=dt) if f is None else f.A.detach().to(dt).clone()
-        self.delta_B = w.new_zeros(out_f, 0, dtype=dt) if f is None else f.B.detach().to(dt).clone()
+        self.delta_A = self.delta_A.new_zeros(0, in_f) if f is None else self._own(f.A)
+        self.delta_B = self.delta_B.new_zeros(out_f, 0) if f is None else self._own(f.B)
 
     def factors(self) -> Factors:
-        return Factors(A=self.lora_A.detach().clone(), B=self.lora_B.detach().clone())
+        """The trained pair, on the CPU (what an update carries)."""
+        return Factors(A=self.lora_A.detach().to("cpu", copy=True), B=self.lora_B.detach().to("cpu", copy=True))
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
@@ -80,7 +101,7 @@ def matches(name: str, targets: Iterable[str]) -> bool:
 
 
 def inject_lora(model: nn.Module, targets: Iterable[str], dropout: float = 0.0) -> dict[str, LoRALinear]:
-    """Wrap every ``nn.Linear`` whose path matches ``targets``; freeze the rest of the model.
+    """Wrap every linear-like layer whose path matches ``targets``; freeze the rest of the model.
 
     Returns module path -> wrapper, in model order. Raises if nothing matches, naming
     a few linear layers the user could have meant.
@@ -88,7 +109,7 @@ def inject_lora(model: nn.Module, targets: Iterable[str], dropout: float = 0.0) 
     targets = list(targets)
     for p in model.parameters():
         p.requires_grad_(False)
-    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear = [(n, m) for n, m in model.named_modules() if linear_shape(m) is not None]
     chosen = [(n, m) for n, m in linear if matches(n, targets)]
     if not chosen:
         examples = sorted({n.rsplit(".", 1)[-1] for n, _ in linear})[:12]
@@ -134,11 +155,22 @@ class LoRAModel:
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """True when the adapted layers store their weight transposed (GPT-2's Conv1D)."""
+        return all(isinstance(layer.base, Conv1D) for layer in self.layers.values())
+
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {n: layer.shape for n, layer in self.layers.items()}
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (its first parameter's device)."""
+        return next(self.model.parameters()).device
+
     def head_state(self) -> dict[str, Tensor]:
-        return {n: p.detach().clone() for n, p in self._head.items()}
+        """The head's parameters, on the CPU (what an update carries)."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self._head.items()}
 
     def load(self, task: ClientTask, train_head: bool = True) -> None:
         """Put a task's factors, scale, frozen delta and head into the model."""

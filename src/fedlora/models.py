@@ -100,42 +100,83 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return str(Path(cfg.name).expanduser()) if looks_local else cfg.name
 
 
-def load_model(cfg: ModelConfig, num_labels: int, seed: int) -> LoadedModel:
-    """The model for ``cfg.task``, its tokenizer, and the names of its fresh head parameters.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPUTE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    The head is initialised under ``seed`` so every process builds the same one.
+
+def quantization_config(cfg: ModelConfig, precision: str, device: torch.device):
+    """bitsandbytes' config for a 4-bit (NF4) or 8-bit base, or None; one line where it cannot be."""
+    if cfg.quantization == "none":
+        return None
+    key = f"model.quantization={cfg.quantization}"
+    if cfg.gguf_file:
+        raise ConfigError(f"{key}: a GGUF checkpoint is quantised already; leave model.quantization at none")
+    if device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"{key}: bitsandbytes does not run on {device.type}; use train.device=cuda or cpu")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise ConfigError(f"{key}: needs bitsandbytes (pip install bitsandbytes)") from None
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=cfg.double_quant,
+                              bnb_4bit_compute_dtype=COMPUTE[precision])
+
+
+def load_model(cfg: ModelConfig, num_labels: int, seed: int, device: torch.device | None = None,
+               precision: str = "fp32") -> LoadedModel:
+    """The model for ``cfg.task`` on ``device``, its tokenizer, and the names of its fresh head
+    parameters. The base is loaded directly in ``model.dtype`` (or quantised by bitsandbytes,
+    computing in ``precision``); the head is initialised under ``seed`` so every process
+    builds the same one.
     """
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    device = device or torch.device("cpu")
     path = resolve_model_path(cfg)
-    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    hub = {"trust_remote_code": True} if cfg.trust_remote_code else {}
+    if cfg.revision:
+        hub["revision"] = cfg.revision
+    common = {**hub, **({"gguf_file": cfg.gguf_file} if cfg.gguf_file else {})}
+    quant = quantization_config(cfg, precision, device)
+    weights = {"dtype": DTYPES[cfg.dtype] if quant is None else COMPUTE[precision]}
+    if quant is not None:
+        weights.update(quantization_config=quant, device_map={"": str(device)})
     torch.manual_seed(seed)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
         pooling = cfg.pooling if cfg.pooling != "auto" else (
             "mean" if uses_mean_pooling(path) else "cls")
         if cfg.task == "classification" and pooling == "mean":
             from transformers import AutoModel
 
-            model = MeanPoolClassifier(AutoModel.from_pretrained(path, **kwargs), num_labels)
+            model = MeanPoolClassifier(AutoModel.from_pretrained(path, **common, **weights), num_labels)
+            model.classifier.to(device=device, dtype=weights["dtype"])
             head = ["classifier.bias", "classifier.weight"]
         elif cfg.task == "classification":
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, output_loading_info=True, **kwargs)
+                path, num_labels=num_labels, output_loading_info=True, **common, **weights)
             head = sorted(info["missing_keys"])
         else:
             from transformers import AutoModelForCausalLM
 
-            model, head = AutoModelForCausalLM.from_pretrained(path, **kwargs), []
+            model, head = AutoModelForCausalLM.from_pretrained(path, **common, **weights), []
     except OSError as e:
         raise ConfigError(f"model.name: cannot load {cfg.name!r}: {str(e).splitlines()[0]}") from None
+    except (ImportError, RuntimeError, ValueError) as e:
+        if quant is None:
+            raise
+        raise ConfigError(f"model.quantization={cfg.quantization}: bitsandbytes cannot load {cfg.name!r} on "
+                          f"{device}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    model = model.to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+    if quant is None:
+        model = model.to(device=device, dtype=weights["dtype"])  # the fresh head too
     if cfg.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ConfigError(f"model.gradient_checkpointing: {type(model).__name__} does not support it")

@@ -3,9 +3,11 @@
 For a model (built on the meta device: no weights are loaded) and a list of devices
 (memory, upload bandwidth, time per round), a rank ``r`` fits a device when
 
-- memory: frozen base weights + LoRA parameters, gradients and AdamW's two moments
-  (4 copies of ``r · Σ (in + out)`` over the adapted layers, fp32) + an activation
-  estimate for one ``batch × seq`` step fits in ``memory_gb``;
+- memory: frozen base weights (in ``model.dtype``, or 4-bit NF4 / 8-bit for the linear
+  layers of a quantised base, the rest in the compute dtype) + LoRA parameters, gradients
+  and AdamW's two moments (4 copies of ``r · Σ (in + out)`` over the adapted layers, fp32)
+  + an activation estimate for one ``batch × seq`` step (2 bytes a value under bf16/fp16
+  autocast, 4 in fp32) fits in ``memory_gb``;
 - link: uploading the rank-``r`` factors (fp32) takes at most ``round_seconds``.
 
 The activation estimate counts what backward keeps per decoder layer (inputs of every
@@ -25,6 +27,12 @@ from .errors import ConfigError
 
 FP32 = 4
 GiB = 2**30
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2}
+# bytes per weight of a bitsandbytes-quantised linear: NF4 packs two weights a byte plus one
+# fp32 absmax per block of 64 (with double quantisation: 8-bit absmax per 64, fp32 per 256 blocks);
+# LLM.int8 stores one byte a weight (its per-row scales are negligible)
+QUANT_BYTES = {("4bit", False): 0.5 + 4 / 64, ("4bit", True): 0.5 + 1 / 64 + 4 / (64 * 256), ("8bit", False): 1.0,
+               ("8bit", True): 1.0}
 
 
 @dataclass(frozen=True)
@@ -37,12 +45,13 @@ class Device:
 
 @dataclass(frozen=True)
 class ModelProfile:
-    base_bytes: int  # frozen weights as loaded
+    base_bytes: int  # frozen weights as loaded (quantised where the config says so)
     shapes: dict[str, tuple[int, int]]  # adapted layers: (out, in)
     hidden: int
     layers: int
     heads: int
     intermediate: int
+    activation_bytes: int = FP32  # per activation value: 2 under bf16/fp16 autocast
 
 
 def lora_params(shapes: dict[str, tuple[int, int]], rank: int) -> int:
@@ -50,7 +59,20 @@ def lora_params(shapes: dict[str, tuple[int, int]], rank: int) -> int:
     return rank * sum(o + i for o, i in shapes.values())
 
 
-def profile_model(cfg: ModelConfig) -> ModelProfile:
+def base_bytes(model: torch.nn.Module, cfg: ModelConfig, precision: str) -> int:
+    """Bytes of the frozen weights as ``cfg`` loads them: every parameter in ``model.dtype``, or,
+    for a quantised base, the linear layers (bar the output head, which bitsandbytes keeps)
+    quantised and the rest in the compute dtype."""
+    if cfg.quantization == "none":
+        return sum(p.numel() for p in model.parameters()) * BYTES[cfg.dtype]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear = {id(m.weight): m.weight.numel() for m in model.modules()
+              if isinstance(m, torch.nn.Linear) and m is not head}
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in linear)
+    return int(sum(linear.values()) * QUANT_BYTES[(cfg.quantization, cfg.double_quant)] + rest * BYTES[precision])
+
+
+def profile_model(cfg: ModelConfig, precision: str = "fp32") -> ModelProfile:
     """Sizes of the model ``cfg`` names, from its config alone (meta-device build)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -65,8 +87,7 @@ def profile_model(cfg: ModelConfig) -> ModelProfile:
     auto = AutoModelForCausalLM if cfg.task == "causal-lm" else AutoModelForSequenceClassification
     with torch.device("meta"):
         model = auto.from_config(config)
-    bytes_per = 2 if cfg.dtype == "bfloat16" else FP32
-    base = sum(p.numel() for p in model.parameters()) * bytes_per
+    base = base_bytes(model, cfg, precision)
     try:
         shapes = {n: m.shape for n, m in inject_lora(model, cfg.targets).items()}
     except ValueError as e:
@@ -75,15 +96,16 @@ def profile_model(cfg: ModelConfig) -> ModelProfile:
     hidden = get("hidden_size", "d_model", "n_embd")
     return ModelProfile(base_bytes=base, shapes=shapes, hidden=hidden,
                         layers=get("num_hidden_layers", "n_layer"), heads=get("num_attention_heads", "n_head"),
-                        intermediate=get("intermediate_size", "n_inner") or 4 * hidden)
+                        intermediate=get("intermediate_size", "n_inner") or 4 * hidden,
+                        activation_bytes=BYTES[precision])
 
 
 def memory_bytes(p: ModelProfile, rank: int, batch: int, seq: int) -> int:
     """Peak training memory of one local step at ``rank`` (see the module docstring)."""
     lora = lora_params(p.shapes, rank) * FP32 * 4  # weights, gradients, AdamW m and v
-    tokens = batch * seq
-    per_layer = tokens * (6 * p.hidden + 3 * p.intermediate) * FP32 + batch * p.heads * seq * seq * FP32
-    adapters = tokens * rank * len(p.shapes) * FP32
+    tokens, act = batch * seq, p.activation_bytes
+    per_layer = tokens * (6 * p.hidden + 3 * p.intermediate) * act + batch * p.heads * seq * seq * act
+    adapters = tokens * rank * len(p.shapes) * act
     return p.base_bytes + lora + p.layers * per_layer + adapters
 
 

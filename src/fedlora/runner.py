@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from .config import RunConfig, to_toml
 from .data import split_fingerprint
+from .device import gpu_peak_gib, reset_gpu_peak
 from .errors import ConfigError
 from .experiment import Experiment, build_experiment, evaluate_global
 from .export import save_peft_adapter
@@ -91,17 +92,21 @@ def run(cfg: RunConfig, round_fn: RoundFn, overwrite: bool = False, progress: bo
                disable=not progress, dynamic_ncols=True, initial=done, total=fed.rounds)
     for rnd in bar:
         t0 = time.perf_counter()
+        reset_gpu_peak(exp.lm.device)
         metrics = round_fn(exp, rnd)
         if rnd % fed.eval_every == 0 or rnd == fed.rounds:
             last_eval = evaluate_global(exp)
             metrics.update({f"eval_{k}": v for k, v in last_eval.items()})
+        if (peak := gpu_peak_gib(exp.lm.device)) is not None:
+            metrics["gpu_peak_gib"] = peak
         metrics["wall_time_s"] = time.perf_counter() - t0
         _append(out, {"round": rnd, **metrics})
         if rel.checkpoint_every and (rnd % rel.checkpoint_every == 0 or rnd == fed.rounds):
             save_checkpoint(out / "checkpoints", rnd, {"round": rnd, "server": exp.server.state_dict(),
                                                        "budgets": exp.budgets}, keep=rel.keep_checkpoints)
         bar.set_postfix(loss=f"{metrics.get('train_loss', float('nan')):.3f}", acc=f"{last_eval['accuracy']:.3f}")
-    save_peft_adapter(exp.server.global_task(), out / "adapter", resolve_model_path(cfg.model), cfg.strategy.alpha)
+    save_peft_adapter(exp.server.global_task(), out / "adapter", resolve_model_path(cfg.model), cfg.strategy.alpha,
+                      exp.lm.fan_in_fan_out)
     labels = exp.data.test_labels()
     summary = {"initial_accuracy": initial["accuracy"], "final_accuracy": last_eval["accuracy"],
                "final_loss": last_eval["loss"], "majority_accuracy": float(np.bincount(labels).max() / len(labels)),

@@ -10,6 +10,7 @@ from .loader import (
     default_config_path,
     from_dict,
     load_config,
+    options,
     parse_override,
     read_toml,
     to_toml,
@@ -24,12 +25,13 @@ from .schema import (
     PrivacyConfig,
     ReliabilityConfig,
     RunConfig,
+    ServerConfig,
     StrategyConfig,
     TrainConfig,
 )
 
 __all__ = [
-    "ConfigError", "apply_overrides", "default_config_path", "from_dict", "load_config", "parse_override",
+    "ConfigError", "apply_overrides", "default_config_path", "from_dict", "load_config", "options", "parse_override",
     "read_toml", "to_toml", "toml_dict", "BudgetConfig", "DataConfig", "Distribution", "FederationConfig",
-    "ModelConfig", "PrivacyConfig", "ReliabilityConfig", "RunConfig", "StrategyConfig", "TrainConfig",
+    "ModelConfig", "PrivacyConfig", "ReliabilityConfig", "RunConfig", "ServerConfig", "StrategyConfig", "TrainConfig",
 ]

@@ -102,6 +102,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
+def options(cls: type, name: str) -> tuple[str, ...]:
+    """The choices of a ``Literal`` field (for command-line flags that mirror a config key)."""
+    return typing.get_args(typing.get_type_hints(cls)[name])
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=value`` -> (["a", "b"], value); the value is read as TOML, else as a string."""
     key, sep, raw = text.partition("=")

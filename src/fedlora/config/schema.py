@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..device import Precision, check_device_name
 from ..errors import check
 from ..strategies import METHODS, get_method
 
@@ -30,8 +31,15 @@ class ModelConfig:
     # Classifier input: "cls" (the model's own sequence-classification head), "mean" (mean
     # of token states), or "auto" (mean for sentence-transformers checkpoints that pool so).
     pooling: Literal["auto", "cls", "mean"] = "auto"
-    dtype: Literal["float32", "bfloat16"] = "float32"  # base weights (bf16 is slow on CPUs without bf16 units)
+    # Base weights, loaded directly in this dtype (bf16/fp16 are slow on CPUs without such units).
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Quantised base (QLoRA): bitsandbytes NF4 ("4bit") or LLM.int8 ("8bit"); the compute dtype
+    # follows train.precision. LoRA factors stay fp32 beside it.
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    double_quant: bool = True  # 4bit: quantise the quantisation constants too (saves ~0.4 bit/param)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    trust_remote_code: bool = False  # run the model repository's own code (only for repositories you trust)
+    revision: str = ""  # a hub branch, tag or commit (default: the repository's default branch)
 
     def validate(self) -> None:
         check("model.targets", bool(self.targets), "must list at least one module name")
@@ -118,14 +126,30 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables gradient clipping
+    grad_accum_steps: int = 1  # micro-batches per optimiser step (effective batch = batch_size x this)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays from lr to min_lr over the rounds
+    min_lr: float = 0.0
+    device: str = "auto"  # auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps
+    precision: Precision = "fp32"  # autocast of forward and loss: fp32 | bf16 | fp16 (with a loss scaler)
 
     def validate(self) -> None:
         check("train.local_steps", self.local_steps > 0, "must be positive")
+        check("train.grad_accum_steps", self.grad_accum_steps > 0, "must be positive")
+        check("train.min_lr", 0 <= self.min_lr <= self.lr, "must be in [0, train.lr]")
+        check_device_name("train.device", self.device)
         check("train.batch_size", self.batch_size > 0, "must be positive")
         check("train.lr", self.lr > 0, "must be positive")
         check("train.momentum", 0 <= self.momentum < 1, "must be in [0, 1)")
         check("train.weight_decay", self.weight_decay >= 0, "must be >= 0")
         check("train.max_grad_norm", self.max_grad_norm >= 0, "must be >= 0 (0 disables)")
+
+
+@dataclass
+class ServerConfig:
+    device: str = "cpu"  # where the server keeps the global state and aggregates
+
+    def validate(self) -> None:
+        check_device_name("server.device", self.device)
 
 
 @dataclass
@@ -184,6 +208,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     budgets: BudgetConfig = field(default_factory=BudgetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -207,6 +232,8 @@ class RunConfig:
         for key, ranks in (("budgets.ranks", self.budgets.ranks), ("budgets.per_client", self.budgets.per_client)):
             too_big = [k for k in ranks if k > r]
             check(key, not too_big, f"budgets {too_big} exceed the global rank strategy.global_rank = {r}")
+        check("model.quantization", self.model.quantization == "none" or self.model.dtype == "float32",
+              "a quantised base takes its compute dtype from train.precision: leave model.dtype at float32")
         if self.privacy.noise_multiplier > 0:
             blocker = get_method(self.strategy.name).dp_blocker(self.strategy.method_settings())
             able = [m.name for m in METHODS.values() if m.dp_blocker(m.default_settings()) is None]

@@ -1,8 +1,9 @@
 """Flower ClientApp: a device that trains the factors the server sends, within its budget.
 
 The node declares what it is in its node-config: ``partition-id`` (which client of the
-federated split it holds) and optionally ``budget`` (the LoRA rank it can afford;
-default: the budget the run config draws for that client).
+federated split it holds), optionally ``budget`` (the LoRA rank it can afford; default:
+the budget the run config draws for that client) and ``device`` (where it trains, e.g.
+``cuda:1``; default: the run config's ``train.device``).
 """
 
 from __future__ import annotations
@@ -12,21 +13,26 @@ from functools import lru_cache
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from ..device import check_device_name
 from ..experiment import Experiment, build_experiment, train_client
 from . import codec
-from .run_config import NODE_BUDGET, NODE_PARTITION, config_from_run_config
+from .run_config import NODE_BUDGET, NODE_DEVICE, NODE_PARTITION, config_from_run_config
 
 app = ClientApp()
 
 
 @lru_cache(maxsize=2)
-def _experiment(config_key: tuple) -> Experiment:
-    """Load the base model and data once per process (keyed by the run config)."""
-    return build_experiment(config_from_run_config(dict(config_key)))
+def _experiment(config_key: tuple, device: str) -> Experiment:
+    """Load the base model and data once per process (keyed by the run config and device)."""
+    cfg = config_from_run_config(dict(config_key))
+    if device:
+        check_device_name(f"node-config {NODE_DEVICE}", device)
+        cfg.train.device = device
+    return build_experiment(cfg)
 
 
 def _local(context: Context) -> tuple[Experiment, int, int]:
-    exp = _experiment(tuple(sorted(context.run_config.items())))
+    exp = _experiment(tuple(sorted(context.run_config.items())), str(context.node_config.get(NODE_DEVICE, "")))
     cid = int(context.node_config.get(NODE_PARTITION, 0))
     if not 0 <= cid < len(exp.data.clients):
         raise ValueError(f"node-config {NODE_PARTITION}={cid} is outside the "

@@ -10,7 +10,7 @@ from ..config import RunConfig, default_config_path, load_config
 # Keys of the run config, and of a node's node-config.
 RUN_CONFIG_FILE, RUN_OVERRIDES = "config", "overrides"
 RUN_OUTPUT, RUN_MIN_NODES, RUN_ROUND_TIMEOUT = "output-dir", "min-nodes", "round-timeout"
-NODE_PARTITION, NODE_BUDGET = "partition-id", "budget"
+NODE_PARTITION, NODE_BUDGET, NODE_DEVICE = "partition-id", "budget", "device"
 
 
 def config_from_run_config(run_config: dict) -> RunConfig:

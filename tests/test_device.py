@@ -1,0 +1,161 @@
+"""Where tensors live and how they compute: the configured device, autocast precision, gradient
+accumulation, a cosine learning rate across rounds, quantised and GPT-2-style bases."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fedlora.cli import main
+from fedlora.client import local_train, round_lr
+from fedlora.config import ConfigError, TrainConfig, load_config
+from fedlora.device import resolve_device, to_device
+from fedlora.encoding import train_batches
+from fedlora.experiment import build_experiment, evaluate_global, train_client
+from fedlora.lora import LoRAModel
+from fedlora.seeding import torch_generator
+from fedlora.types import ClientTask, Factors
+
+from .conftest import TinyRegressor, tiny_overrides
+
+ACCELERATORS = [d for d, ok in (("cuda", torch.cuda.is_available()),
+                                ("mps", torch.backends.mps.is_available())) if ok]
+
+
+def rows(path):
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_device_names_resolve_or_fail_with_one_line():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == (ACCELERATORS[0] if ACCELERATORS else "cpu")
+    with pytest.raises(ConfigError, match="train.device: must be auto, cpu, cuda, cuda:N or mps"):
+        load_config(None, ['train.device="gpu"'])
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="train.device=cuda:1: CUDA is not available on this machine"):
+            resolve_device("cuda:1")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_asking_for_cuda_without_it_is_one_line_and_exit_2(tiny_bert_dir, tmp_path):
+    args = [sys.executable, "-m", "fedlora.cli", "run", *tiny_overrides(tiny_bert_dir, tmp_path / "r"),
+            'train.device="cuda"', "--quiet"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("fedlora: error: train.device=cuda: CUDA is not available")
+
+
+@pytest.mark.parametrize("device", ["cpu", *ACCELERATORS])
+def test_every_batch_factor_and_head_tensor_is_on_the_configured_device(tiny_bert_dir, tmp_path, device):
+    exp = build_experiment(load_config(None, tiny_overrides(tiny_bert_dir, tmp_path / "r", train__device=f'"{device}"')))
+    want = resolve_device(device)
+    seen: list[torch.device] = []
+    exp.lm.model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.extend(t.device for t in kwargs.values() if torch.is_tensor(t)), with_kwargs=True)
+    task = exp.server.configure(1, [0])[0]
+    update = train_client(exp, 1, 0, task)
+    for layer in exp.lm.layers.values():  # what the client trained on
+        assert {t.device.type for t in (layer.lora_A, layer.lora_B, layer.delta_A, layer.delta_B)} == {want.type}
+    assert {p.device.type for p in exp.lm._head.values()} == {want.type}
+    # what crosses the wire comes back on the CPU, whatever the client's device
+    assert {t.device.type for f in update.factors.values() for t in (f.A, f.B)} == {"cpu"}
+    assert {t.device.type for t in update.head.values()} == {"cpu"}
+    n_train = len(seen)
+    evaluate_global(exp)
+    assert n_train > 0 and len(seen) > n_train and {d.type for d in seen} == {want.type}
+
+
+def test_loading_a_task_and_a_batch_follows_the_model_off_the_cpu():
+    """The meta device stands in for an accelerator: a tensor that ignored the model's device
+    would stay on the CPU, and mixing it with meta tensors in the forward pass would fail."""
+    model = TinyRegressor().to("meta")
+    lm = LoRAModel(model, ["up"], head=["down.weight", "down.bias"])
+    task = ClientTask(factors={"up": Factors(torch.randn(3, 6), torch.randn(5, 3))}, scale=0.5,
+                      base_delta={"up": Factors(torch.randn(2, 6), torch.randn(5, 2))},
+                      head={"down.weight": torch.randn(4, 5), "down.bias": torch.randn(4)})
+    lm.load(task)
+    layer = lm.layers["up"]
+    assert lm.device.type == "meta"
+    assert {t.device.type for t in (layer.lora_A, layer.lora_B, layer.delta_A, layer.delta_B)} == {"meta"}
+    batch = to_device({"x": torch.randn(8, 6), "labels": torch.randn(8, 4)}, lm.device)
+    assert lm.model(**batch).loss.device.type == "meta"
+    with pytest.raises((RuntimeError, NotImplementedError)):  # the detector works: a CPU batch is refused
+        lm.model(x=torch.randn(8, 6), labels=batch["labels"])
+
+
+def test_bf16_autocast_trains_a_tiny_model_on_the_cpu_and_its_loss_falls(tiny_bert_dir, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(["run", *tiny_overrides(tiny_bert_dir, out, federation__rounds=3, federation__fraction=1.0,
+                                        train__lr=0.02, train__local_steps=4, train__precision='"bf16"'), "--quiet"]) == 0
+    losses = [r["train_loss"] for r in rows(out)[1:]]
+    assert losses[-1] < losses[0] - 0.02, losses
+    assert abs(losses[0] - 0.975) < 0.02  # close to the fp32 run's 0.975 (tests/test_runner.py pins it)
+
+
+def one_sgd_step(lm, task, enc, rows_, batch_size, accum):
+    cfg = TrainConfig(local_steps=1, batch_size=batch_size, lr=0.5, optimizer="sgd", momentum=0.0,
+                      max_grad_norm=0.0, grad_accum_steps=accum)
+    batches = train_batches(enc, rows_, batch_size, accum, torch_generator(0, "accum"))
+    return local_train(lm, task, batches, cfg, len(rows_))
+
+
+@pytest.mark.parametrize("model", ["classifier", "causal LM"])
+def test_two_accumulated_micro_batches_equal_one_batch_of_twice_the_size(tiny_bert_dir, tiny_llama_dir, tmp_path, model):
+    if model == "classifier":
+        over = tiny_overrides(tiny_bert_dir, tmp_path / "r")
+    else:  # answers of different lengths: micro-batches hold different numbers of loss tokens
+        over = tiny_overrides(tiny_llama_dir, tmp_path / "r", model__task='"causal-lm"',
+                              model__targets='["q_proj", "v_proj"]', data__prompt_template='"{text}"')
+    exp = build_experiment(load_config(None, over))
+    for m in exp.lm.model.modules():  # dropout draws differ between one batch and two halves
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    task = exp.server.configure(1, [0])[0]
+    rows_ = exp.data.clients[0][:16]
+    big = one_sgd_step(exp.lm, task, exp.data.encoded, rows_, 16, 1)
+    small = one_sgd_step(exp.lm, task, exp.data.encoded, rows_, 8, 2)
+    moved = 0.0
+    for name, f in big.factors.items():
+        torch.testing.assert_close(small.factors[name].A, f.A, rtol=0, atol=1e-6)
+        torch.testing.assert_close(small.factors[name].B, f.B, rtol=0, atol=1e-6)
+        moved += float((f.B - task.factors[name].B).abs().sum())
+    assert moved > 0  # the step did something
+    assert small.metrics["train_loss"] == pytest.approx(big.metrics["train_loss"], rel=1e-6)
+
+
+def test_cosine_schedule_decays_from_lr_towards_min_lr_over_the_rounds():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-5, lr_schedule="cosine")
+    lrs = [round_lr(cfg, r, 10) for r in range(1, 11)]
+    assert lrs[0] == 1e-3 and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] > 1e-5
+    assert round_lr(TrainConfig(lr=1e-3), 7, 10) == 1e-3
+    with pytest.raises(ConfigError, match="train.min_lr"):
+        load_config(None, ["train.min_lr=1.0"])
+
+
+def test_a_gpt2_shaped_model_trains_two_rounds_with_lora_on_its_conv1d_c_attn(tiny_gpt2_dir, tmp_path):
+    out = tmp_path / "gpt2"
+    over = tiny_overrides(tiny_gpt2_dir, out, model__task='"causal-lm"', model__targets='["c_attn"]',
+                          data__prompt_template='"{text}"', federation__fraction=1.0)
+    assert main(["run", *over, "--quiet"]) == 0
+    assert [r["round"] for r in rows(out)] == [0, 1, 2] and rows(out)[-1]["train_loss"] > 0
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True and cfg["target_modules"][0].endswith("c_attn")
+
+
+def test_a_4bit_base_trains_where_bitsandbytes_runs_or_says_why_not(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    over = tiny_overrides(tiny_llama_dir, out, model__task='"causal-lm"', model__targets='["q_proj", "v_proj"]',
+                          data__prompt_template='"{text}"', model__quantization='"4bit"', federation__rounds=1)
+    code = main(["run", *over, "--quiet"])
+    err = capsys.readouterr().err
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        assert code == 2 and "model.quantization=4bit: needs bitsandbytes" in err and err.count("error") == 1
+        return
+    assert code == 0, err
+    assert rows(out)[-1]["train_loss"] > 0
