@@ -6,7 +6,7 @@ import pytest
 
 from fedlora.config import load_config, read_toml
 from fedlora.plan import read_devices
-from fedlora.study import load_study
+from fedlora.study.spec import load_study
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STUDY_DIR = CONFIGS / "study"

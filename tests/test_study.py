@@ -8,7 +8,10 @@ import pytest
 from fedlora.cli import main
 from fedlora.compare import run_dir
 from fedlora.config import ConfigError
-from fedlora.study import MethodResult, chosen_lrs, load_study, sweep_dir, task_dir, verdict
+from fedlora.strategies import METHODS
+from fedlora.study.report import method_lines, verdict
+from fedlora.study.runner import MethodResult, chosen_lrs, sweep_dir, task_dir
+from fedlora.study.spec import Study, load_study
 
 from .conftest import tiny_overrides
 
@@ -75,7 +78,7 @@ def test_study_runs_everything_and_writes_a_well_formed_report(tiny_study, tmp_p
     lrs = chosen_lrs(study, out)
     for m in study.methods:
         accs = {lr: json.loads((run_dir(sweep_dir(out, lr), m, 7) / "summary.json").read_text())["final_accuracy"]
-                for lr in study.lrs}
+                for lr in study.sweep.lrs}
         assert accs[lrs[m]] == max(accs.values())
         for task in study.tasks:
             for seed in study.seeds:
@@ -90,7 +93,7 @@ def test_study_runs_everything_and_writes_a_well_formed_report(tiny_study, tmp_p
             for seed in study.seeds:
                 acc = json.loads((run_dir(task_dir(out, task), m, seed) / "summary.json").read_text())
                 assert f"{acc['final_accuracy']:.3f}" in row
-    assert "## Where FSLoRA wins, ties or loses" in md
+    assert "## Where `fslora` wins, ties or loses" in md
     # with two rates every choice is at an edge of the grid: the report says the grid may be too narrow
     assert md.count(" (edge) |") == 3
     assert "**(edge)**: `fslora`, `flexlora`, `fedit` chose the smallest or largest" in md
@@ -146,15 +149,23 @@ def test_a_finished_run_of_another_setup_is_not_mixed_in(tiny_study, tmp_path, c
 
 @pytest.mark.parametrize("edit, message", [
     (('seed = 7', 'seed = 1'), "sweep.seed: 1 is also a reported seed"),
-    (('seeds = [0, 1]', 'seeds = [0, "1"]'), "seeds: expected int, got '1'"),
-    (('seeds = [0, 1]', 'seeds = [0, 0]'), "repeated entries in [0, 0]"),
-    (('lrs = [1e-2, 5e-2]', 'lrs = []'), "sweep.lrs: needs positive learning rates"),
-    (('method = "fslora"', 'method = "nope"'), "ablation[0]: unknown ['nope']"),
-    (('{ label = "8"', '{ label = "2"'), "repeated name '2'"),
-    (('"fedit"]', '"nope"]'), "unknown ['nope']"),
-    (('config = "tiny.toml"', 'config = "missing.toml"'), "config file not found"),
-    (('task = "alpha"\nseed', 'task = "gamma"\nseed'), "unknown task 'gamma'"),
-    (('x_label = "k"', 'x_label = "k"\ncolour = 1'), "unknown key 'colour'"),
+    (('seeds = [0, 1]', 'seeds = [0, "1"]'), "study.toml: seeds[1]: expected int, got '1'"),
+    (('seeds = [0, 1]', 'seeds = [0, 0]'), "study.toml: seeds: repeated entries in [0, 0]"),
+    (('lrs = [1e-2, 5e-2]', 'lrs = []'), "study.toml: sweep.lrs: needs positive learning rates"),
+    (('lrs = [1e-2, 5e-2]', 'lrs = [1e-2, 0]'), "study.toml: sweep.lrs: needs positive learning rates"),
+    (('method = "fslora"', 'method = "nope"'), "study.toml: ablation[0].method: unknown method 'nope'"),
+    (('{ label = "8"', '{ label = "2"'), "study.toml: ablation[0].variants: repeated name '2'"),
+    (('"fedit"]', '"nope"]'), "study.toml: methods[2]: unknown method 'nope'"),
+    (('"fedit"]', '"fedit"]\nreference = "ffa"'), "study.toml: reference: 'ffa' is not one of the methods"),
+    (('name = "beta"', 'name = "alpha"'), "study.toml: task: repeated name 'alpha'"),
+    (('seed = 7', 'seed = 7.5'), "study.toml: sweep.seed: expected int, got 7.5"),
+    (('config = "tiny_iid.toml"\n', ''), "study.toml: missing config key 'task[1].config'"),
+    (('[sweep]', '[sweep]\nlr = 1'), "study.toml: unknown config key 'sweep.lr'"),
+    (('methods = [', 'path = "x"\nmethods = ['), "study.toml: path: not a study key"),
+    (('config = "tiny.toml"', 'config = "missing.toml"'), "study.toml: task[0].config: file not found"),
+    (('task = "alpha"\nseed', 'task = "gamma"\nseed'), "study.toml: sweep.task: unknown task 'gamma'"),
+    (('task = "alpha"\nmethod', 'task = "gamma"\nmethod'), "study.toml: ablation[0].task: unknown task 'gamma'"),
+    (('x_label = "k"', 'x_label = "k"\ncolour = 1'), "study.toml: unknown config key 'ablation[0].colour'"),
     (('budgets.ranks=[2]', 'budgets.nope=[2]'), "unknown config key 'budgets.nope'"),
 ])
 def test_bad_study_files_exit_2_with_one_line(tiny_study, tmp_path, capsys, edit, message):
@@ -162,6 +173,22 @@ def test_bad_study_files_exit_2_with_one_line(tiny_study, tmp_path, capsys, edit
     assert main(["study", str(tiny_study), "--out", str(tmp_path / "r"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_the_reference_method_comes_from_the_study_file(tiny_study):
+    assert load_study(tiny_study).reference == "fslora"  # the default
+    tiny_study.write_text(tiny_study.read_text().replace("seeds = [0, 1]", 'seeds = [0, 1]\nreference = "fedit"'))
+    study = load_study(tiny_study)
+    assert study.reference == "fedit" and study.sweep.lrs == [1e-2, 5e-2] and study.ablation[0].variants[1].label == "8"
+
+
+def test_the_report_describes_each_method_from_the_registry():
+    lines = method_lines(Study(methods=["fslora", "fullrank"], seeds=[0], task=[]))
+    assert lines[:2] == [f"- `fslora`: {METHODS['fslora'].summary}", f"- `fullrank`: {METHODS['fullrank'].summary}"]
+    # the budget-breaking reference is named from the registry's respects_budgets, and only it
+    assert [line for line in lines if "ignores the clients' rank budgets" in line] == [
+        "\n`fullrank` ignores the clients' rank budgets: a reference that breaks them, not a competitor "
+        "(nor always the best)."]
 
 
 def test_a_study_without_a_sweep_keeps_each_tasks_rate(tiny_study, tmp_path, capsys):

@@ -55,7 +55,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from .study import load_study, run_study, write_report
+    from .study.report import write_report
+    from .study.runner import run_study
+    from .study.spec import load_study
 
     study = load_study(args.study)
     out = Path(args.out)

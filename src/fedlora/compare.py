@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .runner import SUMMARY, read_metrics, run
 from .simulate import simulate_round
 from .strategies import METHODS
+from .study.plots import plot_curves
 
 
 def run_dir(out: Path, method: str, seed: int) -> Path:
@@ -118,50 +119,6 @@ def write_report(out: Path, methods: list[str], seeds: list[int]) -> Path:
         lines.append(f"| {r['method']} | {r['lr']:g} | {r['final_accuracy_mean']:.3f}{spread} "
                      f"| {r['upload_MB']:.2f} | {r['download_MB']:.2f} | {r['wall_time_s']:.0f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    plot_curves(out, methods, seeds)
+    plot_curves({m: [run_dir(out, m, s) for s in seeds] for m in methods}, seeds, out)
     return out / "results.md"
 
-
-def plot_curves(out: Path, methods: list[str], seeds: list[int]) -> None:
-    """accuracy_vs_round.png and accuracy_vs_upload.png (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig_r, ax_r = plt.subplots(figsize=(6, 4))
-    fig_b, ax_b = plt.subplots(figsize=(6, 4))
-    for m in methods:
-        curves = []
-        for s in seeds:
-            rows, up = read_metrics(run_dir(out, m, s)), 0.0
-            pts = []
-            for r in rows:
-                up += r.get("bytes_up", 0.0)
-                if "eval_accuracy" in r:
-                    pts.append((r["round"], up / 1e6, r["eval_accuracy"]))
-            curves.append(pts)
-        n = min(len(c) for c in curves)
-        rounds = [curves[0][i][0] for i in range(n)]
-        mb = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
-        acc, spread = zip(*(mean_std([c[i][2] for c in curves]) for i in range(n)))
-        for ax, xs in ((ax_r, rounds), (ax_b, mb)):
-            (line,) = ax.plot(xs, acc, marker="o", label=m)
-            if len(seeds) > 1:  # the seeds' spread: gaps inside it are not differences
-                ax.fill_between(xs, [a - s for a, s in zip(acc, spread)], [a + s for a, s in zip(acc, spread)],
-                                color=line.get_color(), alpha=0.12, linewidth=0)
-    ax_r.xaxis.set_major_locator(MaxNLocator(integer=True))
-    title = f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
-    for ax, xlabel in ((ax_r, "round"), (ax_b, "cumulative upload (MB, all clients)")):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("global test accuracy")
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig_r.tight_layout()
-    fig_b.tight_layout()
-    fig_r.savefig(out / "accuracy_vs_round.png", dpi=120)
-    fig_b.savefig(out / "accuracy_vs_upload.png", dpi=120)
-    plt.close(fig_r)
-    plt.close(fig_b)

@@ -1,8 +1,9 @@
 """TOML -> :class:`RunConfig` (type-checked, ``key=value`` overrides applied) and back.
 
 The loader is generic over dataclasses: ``int``/``float``/``bool``/``str``, lists,
-``Literal`` option lists and nested tables. A method's ``[strategy.<name>]`` table is read
-with the dataclass its registry record names.
+``Literal`` option lists, nested tables and optional ones (``X | None``); a field without a
+default is a required key. A method's ``[strategy.<name>]`` table is read with the
+dataclass its registry record names.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def _typed_fields(cls: type, data: dict[str, Any], prefix: str, exclude: frozens
         if key in MOVED:
             raise ConfigError(f"{key} has moved: set it as {MOVED[key]}")
         raise ConfigError(f"unknown config key '{key}' (valid keys here: {', '.join(sorted(names))})")
+    required = [f.name for f in dataclasses.fields(cls) if f.name in names and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise ConfigError(f"missing config key '{prefix}{missing[0]}'")
     return {key: _coerce(hints[key], value, prefix + key) for key, value in data.items()}
 
 
@@ -92,7 +98,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{key}: union types are not supported in configs")
+        options = [t for t in typing.get_args(tp) if t is not type(None)]
+        if len(options) != 1:  # TOML has no null: `X | None` is an optional X (None when the key is absent)
+            raise ConfigError(f"{key}: union types are not supported in configs")
+        return _coerce(options[0], value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):

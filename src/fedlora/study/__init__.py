@@ -1,0 +1,21 @@
+"""``fedlora study``: which method gives the best global model for the same client cost?
+
+A study file (``configs/study/study.toml``) names the tasks (one run config each), the
+methods (one of them the reference that the others are rated against), the seeds, one
+learning-rate grid and the ablations. The study then
+
+1. sweeps the grid for every method on one task and a seed that is not reported
+   (its own client split and held-out sample), and picks each method's rate the same
+   way: best final accuracy, ties to the smaller rate;
+2. runs every method x seed on every task with those rates (``fedlora compare``);
+3. runs each ablation's variants (one method, every seed);
+4. writes the report (Markdown + plots) from the run directories alone.
+
+Every run is an ordinary ``fedlora run`` directory; finished ones are skipped, so the
+command resumes where it stopped.
+
+One job per module: ``spec`` (the study file), ``runner`` (the output layout and running
+what is missing), ``report`` (verdicts, tables, the Markdown), ``plots`` (every figure, also
+``fedlora compare``'s). Import from them; this package re-exports nothing, so that
+``fedlora.compare`` can use ``study.plots`` without importing the rest of the study.
+"""

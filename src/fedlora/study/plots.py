@@ -1,0 +1,95 @@
+"""Every figure of ``fedlora compare`` and ``fedlora study``, drawn from numbers and run
+directories handed in (this module knows no output layout).
+
+matplotlib is imported on first use, with the file-only Agg backend.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..runner import read_metrics
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def plot_curves(runs: Mapping[str, list[Path]], seeds: list[int], out: Path) -> None:
+    """``out``/accuracy_vs_round.png and accuracy_vs_upload.png: each method's accuracy
+    (mean over its runs, one per seed, with the seeds' spread) against round and upload.
+
+    Args:
+        runs: method -> its run directories, one per seed in ``seeds`` order.
+    """
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig_r, ax_r = plt.subplots(figsize=(6, 4))
+    fig_b, ax_b = plt.subplots(figsize=(6, 4))
+    for m, dirs in runs.items():
+        curves = []
+        for d in dirs:
+            rows, up = read_metrics(d), 0.0
+            pts = []
+            for r in rows:
+                up += r.get("bytes_up", 0.0)
+                if "eval_accuracy" in r:
+                    pts.append((r["round"], up / 1e6, r["eval_accuracy"]))
+            curves.append(pts)
+        n = min(len(c) for c in curves)
+        rounds = [curves[0][i][0] for i in range(n)]
+        mb = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
+        acc, spread = zip(*(_mean_std([c[i][2] for c in curves]) for i in range(n)))
+        for ax, xs in ((ax_r, rounds), (ax_b, mb)):
+            (line,) = ax.plot(xs, acc, marker="o", label=m)
+            if len(seeds) > 1:  # the seeds' spread: gaps inside it are not differences
+                ax.fill_between(xs, [a - s for a, s in zip(acc, spread)], [a + s for a, s in zip(acc, spread)],
+                                color=line.get_color(), alpha=0.12, linewidth=0)
+    ax_r.xaxis.set_major_locator(MaxNLocator(integer=True))
+    title = f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+    for ax, xlabel in ((ax_r, "round"), (ax_b, "cumulative upload (MB, all clients)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("global test accuracy")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for fig, name in ((fig_r, "accuracy_vs_round.png"), (fig_b, "accuracy_vs_upload.png")):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+
+
+def plot_ablation(labels: list[str], accs: list[list[float]], x_label: str, title: str, path: Path) -> None:
+    """One ablation: every seed's final accuracy per variant (grey) and their mean ± std.
+
+    Args:
+        accs: per variant (in ``labels`` order), the final accuracy of each seed.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs = range(len(labels))
+    for s_i in range(len(accs[0])):
+        ax.plot(xs, [acc[s_i] for acc in accs], "o", alpha=0.35, color="grey", label="one seed" if s_i == 0 else None)
+    means, stds = zip(*(_mean_std(acc) for acc in accs))
+    ax.errorbar(xs, means, yerr=stds, marker="s", capsize=4, label="mean ± std")
+    ax.set_xticks(list(xs), labels)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("final test accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

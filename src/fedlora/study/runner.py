@@ -1,0 +1,149 @@
+"""A study's runs: where each one lives, what the finished ones hold, and running what is missing.
+
+A study is ordinary ``fedlora run`` directories under one output directory:
+
+    sweep/lr<rate>/<method>-seed<sweep seed>/
+    tasks/<task>/<method>-seed<seed>/
+    ablations/<ablation>/<variant label>/<method>-seed<seed>/
+
+plus ``study_time.json`` (the wall time of every invocation that ran something). Finished
+runs are skipped, so the command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..compare import SUMMARY, compare, run_dir
+from ..config import read_toml
+from ..runner import read_metrics
+from .spec import Ablation, Study, Variant
+
+TIMING = "study_time.json"
+
+
+# -- where each run lives --------------------------------------------------------------
+
+def sweep_dir(out: Path, lr: float) -> Path:
+    return out / "sweep" / f"lr{lr:g}"
+
+
+def task_dir(out: Path, task: str) -> Path:
+    return out / "tasks" / task
+
+
+def variant_dir(out: Path, ablation: Ablation, variant: Variant) -> Path:
+    return out / "ablations" / ablation.name / variant.label
+
+
+def expected_runs(study: Study, out: Path) -> list[Path]:
+    """Every run directory the study is made of, in the order they run."""
+    dirs = []
+    if study.sweep is not None:
+        dirs += [run_dir(sweep_dir(out, lr), m, study.sweep.seed) for lr in study.sweep.lrs for m in study.methods]
+    dirs += [run_dir(task_dir(out, t), m, s) for t in study.tasks for s in study.seeds for m in study.methods]
+    dirs += [run_dir(variant_dir(out, a, v), a.method, s) for a in study.ablation for v in a.variants
+             for s in study.seeds]
+    return dirs
+
+
+def missing_runs(study: Study, out: Path) -> list[Path]:
+    return [d for d in expected_runs(study, out) if not (d / SUMMARY).exists()]
+
+
+# -- what the finished runs hold -------------------------------------------------------
+
+def final_accuracy(d: Path) -> float:
+    return json.loads((d / SUMMARY).read_text())["final_accuracy"]
+
+
+def chosen_lrs(study: Study, out: Path) -> dict[str, float]:
+    """Each method's rate: best sweep accuracy, ties to the smaller rate ({} without a sweep)."""
+    s = study.sweep
+    if s is None:
+        return {}
+    return {m: max(sorted(s.lrs), key=lambda lr: (final_accuracy(run_dir(sweep_dir(out, lr), m, s.seed)), -lr))
+            for m in study.methods}
+
+
+@dataclass
+class MethodResult:
+    method: str
+    lr: float
+    accs: list[float]  # one per seed, in study.seeds order
+    upload_mb: float  # per client per round, mean over seeds
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.accs)
+
+
+def task_results(study: Study, out: Path, task: str) -> list[MethodResult]:
+    """Per method: each seed's final accuracy, the rate its runs used, its mean upload per client and round."""
+    rows = []
+    for m in study.methods:
+        dirs = [run_dir(task_dir(out, task), m, s) for s in study.seeds]
+        uploads = []
+        for d in dirs:
+            sent = [r["bytes_up"] / r["clients"] for r in read_metrics(d) if r.get("clients")]
+            uploads.append(statistics.fmean(sent) / 1e6 if sent else 0.0)
+        lr = float(read_toml(dirs[0] / "config.toml")["train"]["lr"])  # the rate the runs really used
+        rows.append(MethodResult(m, lr, [final_accuracy(d) for d in dirs], statistics.fmean(uploads)))
+    return rows
+
+
+def ablation_accuracies(study: Study, out: Path, a: Ablation) -> list[list[float]]:
+    """Per variant, every seed's final accuracy."""
+    return [[final_accuracy(run_dir(variant_dir(out, a, v), a.method, s)) for s in study.seeds] for v in a.variants]
+
+
+def read_timing(out: Path) -> dict | None:
+    """``study_time.json``: elapsed_s, runs and invocations summed over the study's invocations."""
+    return json.loads((out / TIMING).read_text()) if (out / TIMING).exists() else None
+
+
+# -- running what is missing -----------------------------------------------------------
+
+def run_study(study: Study, out: Path, progress: bool = True) -> dict[str, float]:
+    """Run whatever is missing; return each method's chosen learning rate."""
+    start = time.perf_counter()
+    todo = len(missing_runs(study, out))
+    lrs_grid = study.sweep.lrs if study.sweep is not None else []
+    steps = len(lrs_grid) + len(study.tasks) + sum(len(a.variants) for a in study.ablation)
+    step = 0
+
+    def announce(what: str) -> None:
+        nonlocal step
+        step += 1
+        if progress:
+            print(f"study [{step}/{steps}] {what}", file=sys.stderr, flush=True)
+
+    if progress:
+        print(f"study: {todo} of {len(expected_runs(study, out))} runs to do -> {out}", file=sys.stderr, flush=True)
+    try:
+        for lr in lrs_grid:
+            announce(f"sweep lr={lr:g} on {study.sweep.task}, seed {study.sweep.seed}")
+            compare(study.task_config(study.sweep.task, [f"train.lr={lr}"]), study.methods,
+                    [study.sweep.seed], sweep_dir(out, lr), progress=progress)
+        lrs = chosen_lrs(study, out)
+        for task in study.tasks:
+            announce(f"task {task}: {len(study.methods)} methods x {len(study.seeds)} seeds")
+            compare(study.task_config(task), study.methods, study.seeds, task_dir(out, task), progress, lrs=lrs)
+        for a in study.ablation:
+            for v in a.variants:
+                announce(f"ablation {a.name}: {v.label}")
+                cfg = study.task_config(a.task, v.overrides)
+                compare(cfg, [a.method], study.seeds, variant_dir(out, a, v), progress, lrs=lrs)
+    finally:  # the wall time of every invocation that did work adds up (also when one is interrupted)
+        ran = todo - len(missing_runs(study, out))
+        if ran:
+            timing = read_timing(out) or {}
+            timing = {"elapsed_s": timing.get("elapsed_s", 0.0) + time.perf_counter() - start,
+                      "runs": timing.get("runs", 0) + ran, "invocations": timing.get("invocations", 0) + 1}
+            (out / TIMING).write_text(json.dumps(timing) + "\n")
+    return lrs

@@ -1,0 +1,145 @@
+"""The study file (``configs/study/*.toml``) as dataclasses, read by the config loader.
+
+The loader checks every key and type (``fedlora.config.from_dict``); :func:`load_study`
+adds only what types cannot say: names and entries that repeat, methods the registry does
+not know, tasks that are referenced but not declared, a sweep seed that is also reported,
+and every task config (and ablation variant) loading, all before any run starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..config import RunConfig, from_dict, load_config, read_toml
+from ..errors import ConfigError, check
+from ..strategies import get_method
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    config: str  # its run config; load_study makes it relative to the working directory
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Every method runs every rate on ``task`` with ``seed``, a seed that is not reported."""
+
+    task: str
+    seed: int
+    lrs: list[float]
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    set: list[str]  # key=value overrides of the ablation's task config
+
+    @property
+    def overrides(self) -> list[str]:
+        return self.set
+
+
+@dataclass(frozen=True)
+class Ablation:
+    name: str
+    title: str
+    task: str
+    method: str
+    x_label: str
+    variants: list[Variant]
+    note: str = ""  # printed under the ablation's table (e.g. what else changes with x)
+
+
+@dataclass(frozen=True)
+class Study:
+    """A study file: each field is one of its keys (``[[task]]``, ``[sweep]``, ``[[ablation]]``)."""
+
+    methods: list[str]
+    seeds: list[int]
+    task: list[Task]
+    sweep: Sweep | None = None  # None: no sweep, every method keeps each task's configured rate
+    ablation: list[Ablation] = field(default_factory=list)
+    reference: str = "fslora"  # the method the report compares every other one with ("ours" in the verdicts)
+    path: str = ""  # the study file itself (set by load_study, not a key)
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t.name for t in self.task]
+
+    def task_config(self, task: str, overrides: Sequence[str] = ()) -> RunConfig:
+        config = next(t.config for t in self.task if t.name == task)
+        return load_config(config, list(overrides), methods=set(self.methods))
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and check a study file; task configs are resolved relative to it.
+
+    Every mistake is a one-line ConfigError naming the file and key, raised before any run starts.
+    """
+    p = Path(path)
+    data = read_toml(p, "study")
+    try:
+        check("path", "path" not in data, "not a study key (the study's path is where it is read from)")
+        study = from_dict(Study, data)
+        _check(study)
+    except ConfigError as e:
+        raise ConfigError(f"{p.name}: {e}") from None
+    tasks = []
+    for i, t in enumerate(study.task):
+        config = p.parent / t.config
+        if not config.is_file():
+            raise ConfigError(f"{p.name}: task[{i}].config: file not found: {config}")
+        tasks.append(replace(t, config=str(config)))
+    study = replace(study, task=tasks, path=str(p))
+    for task in study.tasks:  # every config loads before hours of compute start
+        study.task_config(task)
+    for a in study.ablation:
+        for v in a.variants:
+            study.task_config(a.task, v.overrides)
+    return study
+
+
+def _check(study: Study) -> None:
+    """What the types do not say; each failure names its key (the caller adds the file)."""
+    check("task", bool(study.task), "needs at least one [[task]]")
+    check("methods", bool(study.methods), "needs at least one method")
+    check("seeds", bool(study.seeds), "needs at least one seed")
+    _no_repeats(study.methods, "methods")
+    _no_repeats(study.seeds, "seeds")
+    _unique_names(study.tasks, "task")
+    for i, m in enumerate(study.methods):
+        get_method(m, f"methods[{i}]")
+    check("reference", study.reference in study.methods,
+          f"'{study.reference}' is not one of the methods ({', '.join(study.methods)})")
+    referenced = []
+    if study.sweep is not None:
+        s = study.sweep
+        _no_repeats(s.lrs, "sweep.lrs")
+        check("sweep.lrs", bool(s.lrs) and all(lr > 0 for lr in s.lrs), f"needs positive learning rates, got {s.lrs}")
+        check("sweep.seed", s.seed not in study.seeds,
+              f"{s.seed} is also a reported seed; the sweep needs a seed that is not reported")
+        referenced.append(("sweep.task", s.task))
+    _unique_names([a.name for a in study.ablation], "ablation")
+    for i, a in enumerate(study.ablation):
+        where = f"ablation[{i}]"
+        get_method(a.method, f"{where}.method")
+        check(f"{where}.variants", bool(a.variants), "needs at least one variant")
+        _unique_names([v.label for v in a.variants], f"{where}.variants")
+        for j, v in enumerate(a.variants):
+            _no_repeats(v.set, f"{where}.variants[{j}].set")
+        referenced.append((f"{where}.task", a.task))
+    for key, task in referenced:
+        check(key, task in study.tasks, f"unknown task '{task}' (tasks: {', '.join(study.tasks)})")
+
+
+def _no_repeats(values: list, key: str) -> None:
+    check(key, len(set(values)) == len(values), f"repeated entries in {values}")
+
+
+def _unique_names(names: list[str], key: str) -> None:
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"{key}: repeated name '{repeated[0]}'")
