@@ -51,7 +51,8 @@ def test_asking_for_cuda_without_it_is_one_line_and_exit_2(tiny_bert_dir, tmp_pa
 
 @pytest.mark.parametrize("device", ["cpu", *ACCELERATORS])
 def test_every_batch_factor_and_head_tensor_is_on_the_configured_device(tiny_bert_dir, tmp_path, device):
-    exp = build_experiment(load_config(None, tiny_overrides(tiny_bert_dir, tmp_path / "r", train__device=f'"{device}"')))
+    cfg = load_config(None, tiny_overrides(tiny_bert_dir, tmp_path / "r", train__device=f'"{device}"'))
+    exp = build_experiment(cfg)
     want = resolve_device(device)
     seen: list[torch.device] = []
     exp.lm.model.register_forward_pre_hook(
@@ -89,8 +90,9 @@ def test_loading_a_task_and_a_batch_follows_the_model_off_the_cpu():
 
 def test_bf16_autocast_trains_a_tiny_model_on_the_cpu_and_its_loss_falls(tiny_bert_dir, tmp_path):
     out = tmp_path / "bf16"
-    assert main(["run", *tiny_overrides(tiny_bert_dir, out, federation__rounds=3, federation__fraction=1.0,
-                                        train__lr=0.02, train__local_steps=4, train__precision='"bf16"'), "--quiet"]) == 0
+    over = tiny_overrides(tiny_bert_dir, out, federation__rounds=3, federation__fraction=1.0, train__lr=0.02,
+                          train__local_steps=4, train__precision='"bf16"')
+    assert main(["run", *over, "--quiet"]) == 0
     losses = [r["train_loss"] for r in rows(out)[1:]]
     assert losses[-1] < losses[0] - 0.02, losses
     assert abs(losses[0] - 0.975) < 0.02  # close to the fp32 run's 0.975 (tests/test_runner.py pins it)
@@ -104,7 +106,8 @@ def one_sgd_step(lm, task, enc, rows_, batch_size, accum):
 
 
 @pytest.mark.parametrize("model", ["classifier", "causal LM"])
-def test_two_accumulated_micro_batches_equal_one_batch_of_twice_the_size(tiny_bert_dir, tiny_llama_dir, tmp_path, model):
+def test_two_accumulated_micro_batches_equal_one_batch_of_twice_the_size(tiny_bert_dir, tiny_llama_dir, tmp_path,
+                                                                         model):
     if model == "classifier":
         over = tiny_overrides(tiny_bert_dir, tmp_path / "r")
     else:  # answers of different lengths: micro-batches hold different numbers of loss tokens

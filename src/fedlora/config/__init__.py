@@ -25,7 +25,6 @@ from .schema import (
     PrivacyConfig,
     ReliabilityConfig,
     RunConfig,
-    ServerConfig,
     StrategyConfig,
     TrainConfig,
 )
@@ -33,5 +32,5 @@ from .schema import (
 __all__ = [
     "ConfigError", "apply_overrides", "default_config_path", "from_dict", "load_config", "options", "parse_override",
     "read_toml", "to_toml", "toml_dict", "BudgetConfig", "DataConfig", "Distribution", "FederationConfig",
-    "ModelConfig", "PrivacyConfig", "ReliabilityConfig", "RunConfig", "ServerConfig", "StrategyConfig", "TrainConfig",
+    "ModelConfig", "PrivacyConfig", "ReliabilityConfig", "RunConfig", "StrategyConfig", "TrainConfig",
 ]

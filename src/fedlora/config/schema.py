@@ -145,14 +145,6 @@ class TrainConfig:
 
 
 @dataclass
-class ServerConfig:
-    device: str = "cpu"  # where the server keeps the global state and aggregates
-
-    def validate(self) -> None:
-        check_device_name("server.device", self.device)
-
-
-@dataclass
 class FederationConfig:
     rounds: int = 10
     fraction: float = 1.0  # share of clients sampled per round, in (0, 1]
@@ -208,7 +200,6 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     budgets: BudgetConfig = field(default_factory=BudgetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
