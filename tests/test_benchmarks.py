@@ -25,3 +25,10 @@ def test_benchmark_quick_mode_runs_and_reports(script):
     assert len(summary) == 1, proc.stdout[-2000:]
     rows = json.loads(summary[0][len("SUMMARY "):])
     assert rows and all({"metric", "value", "target", "met"} <= set(r) for r in rows)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without CUDA")
+def test_gpu_check_without_cuda_says_why_and_exits_0():
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py")], capture_output=True, text=True,
+                          timeout=120, cwd=BENCH)
+    assert proc.returncode == 0 and "nothing to measure here" in proc.stdout and "no CUDA" in proc.stdout

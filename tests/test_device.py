@@ -150,8 +150,17 @@ def test_a_gpt2_shaped_model_trains_two_rounds_with_lora_on_its_conv1d_c_attn(ti
 
 
 def test_a_4bit_base_trains_where_bitsandbytes_runs_or_says_why_not(tiny_llama_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    model_dir = tmp_path / "llama64"  # bitsandbytes' CPU kernels want layers at least 64 wide
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(model_dir)
     out = tmp_path / "q"
-    over = tiny_overrides(tiny_llama_dir, out, model__task='"causal-lm"', model__targets='["q_proj", "v_proj"]',
+    over = tiny_overrides(model_dir, out, model__task='"causal-lm"', model__targets='["q_proj", "v_proj"]',
                           data__prompt_template='"{text}"', model__quantization='"4bit"', federation__rounds=1)
     code = main(["run", *over, "--quiet"])
     err = capsys.readouterr().err
@@ -162,3 +171,20 @@ def test_a_4bit_base_trains_where_bitsandbytes_runs_or_says_why_not(tiny_llama_d
         return
     assert code == 0, err
     assert rows(out)[-1]["train_loss"] > 0
+    import bitsandbytes as bnb
+
+    exp = build_experiment(load_config(out / "config.toml", [f'output_dir="{tmp_path / "again"}"']))
+    assert isinstance(exp.lm.layers["model.layers.0.self_attn.q_proj"].base, bnb.nn.Linear4bit)
+
+
+def test_quantisation_without_bitsandbytes_or_on_an_unsupported_device_is_one_line(monkeypatch):
+    from fedlora.config import ModelConfig
+    from fedlora.models import quantization_config
+
+    cfg = ModelConfig(quantization="4bit")
+    with pytest.raises(ConfigError, match="model.quantization=4bit: bitsandbytes does not run on mps"):
+        quantization_config(cfg, "bf16", torch.device("mps"))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with pytest.raises(ConfigError, match=r"model.quantization=4bit: needs bitsandbytes \(pip install bitsandbytes\)"):
+        quantization_config(cfg, "bf16", torch.device("cpu"))
+    assert quantization_config(ModelConfig(), "bf16", torch.device("cpu")) is None

@@ -220,7 +220,9 @@ class RunConfig:
             check("budgets.per_client", len(self.budgets.per_client) == n,
                   f"needs one budget per client ({n}), got {len(self.budgets.per_client)}")
         r = self.strategy.global_rank
-        for key, ranks in (("budgets.ranks", self.budgets.ranks), ("budgets.per_client", self.budgets.per_client)):
+        b = self.budgets
+        drawn = not (b.per_client or b.file)  # budgets.ranks is used only when nothing else gives the budgets
+        for key, ranks in (("budgets.ranks", b.ranks if drawn else []), ("budgets.per_client", b.per_client)):
             too_big = [k for k in ranks if k > r]
             check(key, not too_big, f"budgets {too_big} exceed the global rank strategy.global_rank = {r}")
         check("model.quantization", self.model.quantization == "none" or self.model.dtype == "float32",
