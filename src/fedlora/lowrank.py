@@ -33,7 +33,10 @@ class SVD:
 
         ``split`` puts ``sqrt(Σ)`` in each factor ("balanced") or all of ``Σ`` in ``B``
         with orthonormal ``A`` ("all-in-B", as FlexLoRA's authors do). Ranks beyond the
-        available singular values are zero-padded, so shapes always match ``rank``.
+        available singular values get ``B`` columns of zero (the product is unchanged) and
+        ``A`` rows orthogonal to the kept ones, of a fresh LoRA init's norm: a zero pair
+        would get zero gradient in both factors, so the client would train fewer ranks
+        than it was given.
         """
         if split not in get_args(SigmaSplit):
             raise ValueError(f"sigma split must be one of {get_args(SigmaSplit)}, got {split!r}")
@@ -46,9 +49,32 @@ class SVD:
             B, A = U * (S / scale), Vh
         pad = rank - q
         if pad:
+            fresh = orthonormal_completion(Vh, pad, torch.Generator().manual_seed(PAD_SEED)) * INIT_ROW_NORM
             B = torch.cat([B, B.new_zeros(B.shape[0], pad)], 1)
-            A = torch.cat([A, A.new_zeros(pad, A.shape[1])], 0)
+            A = torch.cat([A, fresh.to(A.dtype)], 0)
         return Factors(A=A.contiguous(), B=B.contiguous())
+
+
+PAD_SEED = 0  # pad rows are a fixed function of the kept ones: every server pads alike
+# Expected row norm of the Kaiming-uniform A of ``state.init_factors`` (bound 1/sqrt(n):
+# E||a||² = n · bound² / 3 = 1/3), so a padded rank starts like a fresh LoRA rank.
+INIT_ROW_NORM = 3**-0.5
+
+
+def orthonormal_completion(rows: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` unit rows orthogonal to the orthonormal ``rows`` (q, n) and to each other.
+
+    Only ``n - q`` such rows exist; any beyond are seeded random unit rows (not orthogonal,
+    but non-zero, so the ranks they serve still train). Cost ``O(n q count)``, no ``n × n``.
+    """
+    q, n = rows.shape
+    Z = torch.randn(n, count, generator=generator, dtype=rows.dtype).to(rows.device)  # (n, count)
+    free = min(count, n - q)
+    for _ in range(2):  # project twice: one pass leaves rounding-level overlap with ``rows``
+        Z[:, :free] -= rows.T @ (rows @ Z[:, :free])
+    Q = torch.linalg.qr(Z[:, :free])[0]  # (n, free)
+    extra = Z[:, free:] / Z[:, free:].norm(dim=0)
+    return torch.cat([Q, extra], 1).T
 
 
 def _working(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
