@@ -89,3 +89,12 @@ def test_orthonormal_completion_is_orthogonal_deterministic_and_nonzero_past_the
     over = orthonormal_completion(rows, 6, torch.Generator().manual_seed(5))  # only 4 fit in R^7
     torch.testing.assert_close(over.norm(dim=1), torch.ones(6, dtype=torch.float64), rtol=0, atol=1e-12)
     torch.testing.assert_close(over[:4] @ rows.T, torch.zeros(4, 3, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("m, n, R", [(40, 30, 6), (12, 9, 30)])
+def test_singular_values_match_the_dense_ones_on_both_routes(m, n, R):
+    from fedlora.lowrank import singular_values
+
+    B, A = rand(m, n, R, seed=R)
+    ref = torch.linalg.svdvals(B @ A)[:min(m, n, R)]
+    torch.testing.assert_close(singular_values(B, A)[:ref.numel()], ref, rtol=1e-10, atol=1e-10)

@@ -90,13 +90,28 @@ def dense_svd(B: Tensor, A: Tensor) -> SVD:
     return SVD(U, S, Vh)
 
 
-def factored_svd(B: Tensor, A: Tensor) -> SVD:
-    """SVD of ``B @ A`` from thin QRs of the factors and an ``R × R`` core SVD."""
+def _core(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``Q_B``, ``Q_A`` and the small core ``R_B R_Aᵀ`` with ``B @ A = Q_B core Q_Aᵀ``."""
     B, A = _working(B, A)
     Qb, Rb = torch.linalg.qr(B)  # (m, k), (k, R) with k = min(m, R)
     Qa, Ra = torch.linalg.qr(A.T)  # (n, k'), (k', R) with k' = min(n, R)
-    Uc, S, Vch = torch.linalg.svd(Rb @ Ra.T)
+    return Qb, Qa, Rb @ Ra.T
+
+
+def factored_svd(B: Tensor, A: Tensor) -> SVD:
+    """SVD of ``B @ A`` from thin QRs of the factors and an ``R × R`` core SVD."""
+    Qb, Qa, core = _core(B, A)
+    Uc, S, Vch = torch.linalg.svd(core)
     return SVD(Qb @ Uc, S, (Qa @ Vch.T).T)
+
+
+def singular_values(B: Tensor, A: Tensor) -> Tensor:
+    """The singular values of ``B @ A`` (non-increasing): from the factored core while
+    ``R < min(m, n)``, from the dense product otherwise (as :func:`svd_of_product`)."""
+    if B.shape[1] >= min(B.shape[0], A.shape[1]):
+        B, A = _working(B, A)
+        return torch.linalg.svdvals(B @ A)
+    return torch.linalg.svdvals(_core(B, A)[2])
 
 
 def svd_of_product(B: Tensor, A: Tensor) -> SVD:
