@@ -64,13 +64,17 @@ def no_op_change(strategy):
     return {n: float((global_dense(strategy, n) - before[n]).norm() / before[n].norm()) for n in SHAPES}
 
 
-def padded_increment_reference(strategy, tasks, ups, before):
-    """Naive float64 loop: ``before + Σ p_i pad(update_i - sent_i)`` per module and factor."""
-    p = weights(sorted(ups))
-    ref = {n: Factors(A=f.A.double().clone(), B=f.B.double().clone()) for n, f in before.items()}
-    for c, u in ups.items():
-        for n, f in u.factors.items():
-            r = f.rank
-            ref[n].A[:r] += p[c] * (f.A - tasks[c].factors[n].A.double())
-            ref[n].B[:, :r] += p[c] * (f.B - tasks[c].factors[n].B.double())
-    return ref
+def padded_increment_rounds(strategy):
+    """Two rounds of unequal clients; after each, the naive float64 loop
+    ``before + Σ p_i pad(update_i - sent_i)`` per module and factor."""
+    for rnd, specs in ((1, SPECS[:3]), (2, SPECS[1:])):
+        ref = {n: Factors(A=f.A.double().clone(), B=f.B.double().clone()) for n, f in strategy.factors.items()}
+        tasks = strategy.configure(rnd, specs)
+        ups = train(tasks, seed=rnd)
+        strategy.aggregate(rnd, ups)
+        p = weights(sorted(ups))
+        for c, u in ups.items():
+            for n, f in u.factors.items():
+                ref[n].A[:f.rank] += p[c] * (f.A - tasks[c].factors[n].A.double())
+                ref[n].B[:, :f.rank] += p[c] * (f.B - tasks[c].factors[n].B.double())
+        yield ref

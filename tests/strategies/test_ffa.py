@@ -2,11 +2,10 @@
 
 import torch
 
-from fedlora.state import clone
 from fedlora.strategies.ffa import FFASettings
 from fedlora.types import payload_nbytes
 
-from .common import SHAPES, SPECS, build, naive_dense, no_op_change, padded_increment_reference, train, weights
+from .common import SHAPES, SPECS, build, naive_dense, no_op_change, padded_increment_rounds, train, weights
 
 
 def test_ffa_never_changes_A_and_is_exact():
@@ -39,12 +38,7 @@ def test_ffa_upload_bytes_are_B_only():
 def test_ffa_increment_form_adds_the_mean_padded_B_increment_and_keeps_A():
     s = build("ffa", FFASettings(aggregate="increments"))
     A0 = {n: f.A.clone() for n, f in s.factors.items()}
-    for rnd, specs in ((1, SPECS[:3]), (2, SPECS[1:])):
-        before = clone(s.factors)
-        tasks = s.configure(rnd, specs)
-        ups = train(tasks, seed=rnd)
-        s.aggregate(rnd, ups)
-        ref = padded_increment_reference(s, tasks, ups, before)
+    for ref in padded_increment_rounds(s):
         for n in SHAPES:
             assert torch.equal(s.factors[n].A, A0[n])
             torch.testing.assert_close(s.factors[n].B, ref[n].B, rtol=0, atol=1e-12)

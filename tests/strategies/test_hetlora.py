@@ -5,7 +5,7 @@ import torch
 from fedlora import state as S
 from fedlora.strategies.hetlora import HetLoRASettings
 
-from .common import BUDGETS, SHAPES, SPECS, build, no_op_change, padded_increment_reference, train, weights
+from .common import BUDGETS, SHAPES, SPECS, build, no_op_change, padded_increment_rounds, train, weights
 
 
 def test_hetlora_pads_averages_and_loads_the_aggregate_back():
@@ -51,12 +51,7 @@ def test_hetlora_norm_weighting_prefers_larger_updates():
 
 def test_hetlora_increment_form_adds_the_mean_padded_increment():
     s = build("hetlora", HetLoRASettings(aggregate="increments"))
-    for rnd, specs in ((1, SPECS[:3]), (2, SPECS[1:])):
-        before = S.clone(s.factors)
-        tasks = s.configure(rnd, specs)
-        ups = train(tasks, seed=rnd)
-        s.aggregate(rnd, ups)
-        ref = padded_increment_reference(s, tasks, ups, before)
+    for ref in padded_increment_rounds(s):
         for n in SHAPES:
             torch.testing.assert_close(s.factors[n].A, ref[n].A, rtol=0, atol=1e-12)
             torch.testing.assert_close(s.factors[n].B, ref[n].B, rtol=0, atol=1e-12)
