@@ -132,7 +132,7 @@ def padded_mean(current: LoRAState, states: Sequence[LoRAState], weights: Sequen
         return weighted_sum([pad_rank(s, rank) for s in states], weights)
     if form != "increments":
         raise ValueError(f"padded form must be 'factors' or 'increments', got {form!r}")
-    # the sum is kept in the uploads' precision, as the "factors" form is
+    # in the wider of the global's and the uploads' dtypes (float64 uploads stay exact, as in "factors")
     dt = functools.reduce(torch.promote_types, [f.B.dtype for s in states for f in s.values()],
                           next(iter(current.values())).B.dtype)
     out = {n: Factors(A=f.A.to(dt, copy=True), B=f.B.to(dt, copy=True)) for n, f in current.items()}
