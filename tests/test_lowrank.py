@@ -75,3 +75,26 @@ def test_low_precision_inputs_are_decomposed_in_at_least_float32(dtype):
         assert svd.S.dtype == torch.float32
         ref = B.to(dtype).double() @ A.to(dtype).double()
         torch.testing.assert_close(best_rank(svd, 4).double(), ref, rtol=0, atol=1e-4 * ref.norm().item())
+
+
+def test_orthonormal_completion_is_orthogonal_deterministic_and_nonzero_past_the_dimension():
+    from fedlora.lowrank import orthonormal_completion
+
+    rows = torch.linalg.qr(torch.randn(7, 3, generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.float64))[0].T  # (3, 7) orthonormal
+    new = orthonormal_completion(rows, 4, torch.Generator().manual_seed(5))
+    full = torch.cat([rows, new])
+    torch.testing.assert_close(full @ full.T, torch.eye(7, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.equal(new, orthonormal_completion(rows, 4, torch.Generator().manual_seed(5)))
+    over = orthonormal_completion(rows, 6, torch.Generator().manual_seed(5))  # only 4 fit in R^7
+    torch.testing.assert_close(over.norm(dim=1), torch.ones(6, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(over[:4] @ rows.T, torch.zeros(4, 3, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("m, n, R", [(40, 30, 6), (12, 9, 30)])
+def test_singular_values_match_the_dense_ones_on_both_routes(m, n, R):
+    from fedlora.lowrank import singular_values
+
+    B, A = rand(m, n, R, seed=R)
+    ref = torch.linalg.svdvals(B @ A)[:min(m, n, R)]
+    torch.testing.assert_close(singular_values(B, A)[:ref.numel()], ref, rtol=1e-10, atol=1e-10)

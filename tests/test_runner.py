@@ -47,6 +47,8 @@ def test_run_writes_outputs_and_is_deterministic(tiny_bert_dir, tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows[1:])
     assert {"train_loss", "eval_accuracy", "eval_loss", "rank_coverage"} <= set(rows[-1])
+    diagnostics = {"fidelity", "effective_rank", "energy_top4", "energy_top8", "energy_top16", "energy_top32"}
+    assert all(diagnostics <= set(r) and r["fidelity"] >= 0 for r in rows[1:])  # every round
     # same seed: identical metrics (all but wall time) and a byte-identical adapter
     assert rows == strip_time(b / "metrics.jsonl")
     assert sha(a / "adapter/adapter_model.safetensors") == sha(b / "adapter/adapter_model.safetensors")

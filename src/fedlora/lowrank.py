@@ -33,7 +33,10 @@ class SVD:
 
         ``split`` puts ``sqrt(Σ)`` in each factor ("balanced") or all of ``Σ`` in ``B``
         with orthonormal ``A`` ("all-in-B", as FlexLoRA's authors do). Ranks beyond the
-        available singular values are zero-padded, so shapes always match ``rank``.
+        available singular values get ``B`` columns of zero (the product is unchanged) and
+        ``A`` rows orthogonal to the kept ones, of a fresh LoRA init's norm: a zero pair
+        would get zero gradient in both factors, so the client would train fewer ranks
+        than it was given.
         """
         if split not in get_args(SigmaSplit):
             raise ValueError(f"sigma split must be one of {get_args(SigmaSplit)}, got {split!r}")
@@ -46,9 +49,32 @@ class SVD:
             B, A = U * (S / scale), Vh
         pad = rank - q
         if pad:
+            fresh = orthonormal_completion(Vh, pad, torch.Generator().manual_seed(PAD_SEED)) * INIT_ROW_NORM
             B = torch.cat([B, B.new_zeros(B.shape[0], pad)], 1)
-            A = torch.cat([A, A.new_zeros(pad, A.shape[1])], 0)
+            A = torch.cat([A, fresh.to(A.dtype)], 0)
         return Factors(A=A.contiguous(), B=B.contiguous())
+
+
+PAD_SEED = 0  # pad rows are a fixed function of the kept ones: every server pads alike
+# Expected row norm of the Kaiming-uniform A of ``state.init_factors`` (bound 1/sqrt(n):
+# E||a||² = n · bound² / 3 = 1/3), so a padded rank starts like a fresh LoRA rank.
+INIT_ROW_NORM = 3**-0.5
+
+
+def orthonormal_completion(rows: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` unit rows orthogonal to the orthonormal ``rows`` (q, n) and to each other.
+
+    Only ``n - q`` such rows exist; any beyond are seeded random unit rows (not orthogonal,
+    but non-zero, so the ranks they serve still train). Cost ``O(n q count)``, no ``n × n``.
+    """
+    q, n = rows.shape
+    Z = torch.randn(n, count, generator=generator, dtype=rows.dtype).to(rows.device)  # (n, count)
+    free = min(count, n - q)
+    for _ in range(2):  # project twice: one pass leaves rounding-level overlap with ``rows``
+        Z[:, :free] -= rows.T @ (rows @ Z[:, :free])
+    Q = torch.linalg.qr(Z[:, :free])[0]  # (n, free)
+    extra = Z[:, free:] / Z[:, free:].norm(dim=0)
+    return torch.cat([Q, extra], 1).T
 
 
 def _working(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
@@ -64,13 +90,28 @@ def dense_svd(B: Tensor, A: Tensor) -> SVD:
     return SVD(U, S, Vh)
 
 
-def factored_svd(B: Tensor, A: Tensor) -> SVD:
-    """SVD of ``B @ A`` from thin QRs of the factors and an ``R × R`` core SVD."""
+def _core(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``Q_B``, ``Q_A`` and the small core ``R_B R_Aᵀ`` with ``B @ A = Q_B core Q_Aᵀ``."""
     B, A = _working(B, A)
     Qb, Rb = torch.linalg.qr(B)  # (m, k), (k, R) with k = min(m, R)
     Qa, Ra = torch.linalg.qr(A.T)  # (n, k'), (k', R) with k' = min(n, R)
-    Uc, S, Vch = torch.linalg.svd(Rb @ Ra.T)
+    return Qb, Qa, Rb @ Ra.T
+
+
+def factored_svd(B: Tensor, A: Tensor) -> SVD:
+    """SVD of ``B @ A`` from thin QRs of the factors and an ``R × R`` core SVD."""
+    Qb, Qa, core = _core(B, A)
+    Uc, S, Vch = torch.linalg.svd(core)
     return SVD(Qb @ Uc, S, (Qa @ Vch.T).T)
+
+
+def singular_values(B: Tensor, A: Tensor) -> Tensor:
+    """The singular values of ``B @ A`` (non-increasing): from the factored core while
+    ``R < min(m, n)``, from the dense product otherwise (as :func:`svd_of_product`)."""
+    if B.shape[1] >= min(B.shape[0], A.shape[1]):
+        B, A = _working(B, A)
+        return torch.linalg.svdvals(B @ A)
+    return torch.linalg.svdvals(_core(B, A)[2])
 
 
 def svd_of_product(B: Tensor, A: Tensor) -> SVD:

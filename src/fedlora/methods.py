@@ -34,6 +34,14 @@ def _no_dp(settings: Any) -> str:
     return "its aggregate is not a mean of the clients' uploads, so noise on it has no DP meaning"
 
 
+def _inexact(settings: Any) -> bool:
+    return False
+
+
+def always(settings: Any) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Method:
     """One federated LoRA method.
@@ -46,6 +54,9 @@ class Method:
         dp_blocker: settings -> None when the server may add DP noise to this method's
             aggregate (the strategy then implements ``perturb_``), else the reason it may not.
         respects_budgets: False for references that ignore the clients' rank budgets.
+        exact: settings -> True when the new global adapter is, by construction, the weighted
+            mean ``Σ p_i M_i`` of the clients' trained adapters (its ``fidelity`` diagnostic is
+            0 up to rounding; see :mod:`fedlora.diagnostics`).
     """
 
     name: str
@@ -54,6 +65,7 @@ class Method:
     settings: type | None = None
     dp_blocker: Callable[[Any], str | None] = _no_dp
     respects_budgets: bool = True
+    exact: Callable[[Any], bool] = _inexact
 
     def default_settings(self) -> Any:
         return self.settings() if self.settings is not None else None

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .clipping import clip_increment, clip_update
 from .config import PrivacyConfig
+from .diagnostics import round_diagnostics, sample_modules
 from .seeding import numpy_rng, torch_generator
 from .state import example_weights, weighted_sum_tensors
 from .types import ClientSpec, ClientTask, ClientUpdate, NoisyStrategy, Strategy, payload_nbytes
@@ -96,6 +97,9 @@ class FederatedServer:
         if self.privacy.noise_multiplier > 0:
             self._add_noise(rnd, len(cids))
             metrics["dp_epsilon"] = self.epsilon()
+        # measured on the global the round really produced (DP noise included)
+        glob = self.strategy.global_task()
+        metrics.update(round_diagnostics(tasks, valid, glob, sample_modules(list(glob.factors), self.seed)))
         return metrics
 
     def _bound_and_weigh(self, tasks: Mapping[int, ClientTask], valid: dict[int, ClientUpdate],

@@ -6,8 +6,10 @@ loop in ``tests/test_state.py``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -112,6 +114,31 @@ def weighted_sum_tensors(
     for t, w in zip(tensors, weights):
         for k in out:
             out[k].add_(t[k], alpha=float(w))
+    return out
+
+
+# How a padded average of leading blocks is formed: the mean of the padded factors
+# themselves, or the current state plus the mean of the padded increments (a no-op
+# round is then a no-op: high-rank slots are not shrunk by clients that never held them).
+PaddedForm = Literal["factors", "increments"]
+
+
+def padded_mean(current: LoRAState, states: Sequence[LoRAState], weights: Sequence[float],
+                form: PaddedForm = "factors") -> LoRAState:
+    """``Σ w_i pad(state_i)`` ("factors") or ``current + Σ w_i pad(state_i - current[:r_i])``
+    ("increments"), where ``state_i`` is a leading block of ``current`` after training."""
+    rank = next(iter(current.values())).rank
+    if form == "factors":
+        return weighted_sum([pad_rank(s, rank) for s in states], weights)
+    if form != "increments":
+        raise ValueError(f"padded form must be 'factors' or 'increments', got {form!r}")
+    # in the wider of the global's and the uploads' dtypes (float64 uploads stay exact, as in "factors")
+    dt = functools.reduce(torch.promote_types, [f.B.dtype for s in states for f in s.values()],
+                          next(iter(current.values())).B.dtype)
+    out = {n: Factors(A=f.A.to(dt, copy=True), B=f.B.to(dt, copy=True)) for n, f in current.items()}
+    for s, w in zip(states, weights):
+        r = torch.arange(next(iter(s.values())).rank)
+        scatter_add_(out, subtract(s, take(current, r)), r, w)
     return out
 
 

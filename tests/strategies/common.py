@@ -48,3 +48,33 @@ def global_dense(strategy, name):
     if name in t.base_delta:
         d = d + t.base_delta[name].B.double() @ t.base_delta[name].A.double()
     return d
+
+
+def echo(tasks):
+    """A round in which every client returns exactly what it was sent."""
+    return {c: ClientUpdate(factors={n: Factors(A=f.A.clone(), B=f.B.clone()) for n, f in t.factors.items()},
+                            num_examples=EXAMPLES[c], freeze_A=t.freeze_A) for c, t in tasks.items()}
+
+
+def no_op_change(strategy):
+    """After one trained round, the relative change of each module's global ΔW in a no-op round."""
+    strategy.aggregate(1, train(strategy.configure(1, SPECS)))
+    before = {n: global_dense(strategy, n) for n in SHAPES}
+    strategy.aggregate(2, echo(strategy.configure(2, SPECS)))
+    return {n: float((global_dense(strategy, n) - before[n]).norm() / before[n].norm()) for n in SHAPES}
+
+
+def padded_increment_rounds(strategy):
+    """Two rounds of unequal clients; after each, the naive float64 loop
+    ``before + Σ p_i pad(update_i - sent_i)`` per module and factor."""
+    for rnd, specs in ((1, SPECS[:3]), (2, SPECS[1:])):
+        ref = {n: Factors(A=f.A.double().clone(), B=f.B.double().clone()) for n, f in strategy.factors.items()}
+        tasks = strategy.configure(rnd, specs)
+        ups = train(tasks, seed=rnd)
+        strategy.aggregate(rnd, ups)
+        p = weights(sorted(ups))
+        for c, u in ups.items():
+            for n, f in u.factors.items():
+                ref[n].A[:f.rank] += p[c] * (f.A - tasks[c].factors[n].A.double())
+                ref[n].B[:, :f.rank] += p[c] * (f.B - tasks[c].factors[n].B.double())
+        yield ref

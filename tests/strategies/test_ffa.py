@@ -2,9 +2,10 @@
 
 import torch
 
+from fedlora.strategies.ffa import FFASettings
 from fedlora.types import payload_nbytes
 
-from .common import SHAPES, SPECS, build, naive_dense, train, weights
+from .common import SHAPES, SPECS, build, naive_dense, no_op_change, padded_increment_rounds, train, weights
 
 
 def test_ffa_never_changes_A_and_is_exact():
@@ -32,3 +33,19 @@ def test_ffa_upload_bytes_are_B_only():
         assert payload_nbytes(u) == expected
         assert payload_nbytes(tasks[c]) == sum(
             (f.A.numel() + f.B.numel()) * f.A.element_size() for f in tasks[c].factors.values())
+
+
+def test_ffa_increment_form_adds_the_mean_padded_B_increment_and_keeps_A():
+    s = build("ffa", FFASettings(aggregate="increments"))
+    A0 = {n: f.A.clone() for n, f in s.factors.items()}
+    for ref in padded_increment_rounds(s):
+        for n in SHAPES:
+            assert torch.equal(s.factors[n].A, A0[n])
+            torch.testing.assert_close(s.factors[n].B, ref[n].B, rtol=0, atol=1e-12)
+
+
+def test_ffa_no_op_round_is_a_no_op_only_in_increment_form():
+    inc = no_op_change(build("ffa", FFASettings(aggregate="increments")))
+    fac = no_op_change(build("ffa"))
+    assert all(v == 0 for v in inc.values()), inc
+    assert all(v > 0.1 for v in fac.values()), fac

@@ -68,3 +68,30 @@ def test_flexlora_decomposes_once_per_layer_and_truncates_once_per_distinct_rank
     tasks = s.configure(2, many)
     assert calls["truncate"] == 2 * len(SHAPES)  # two distinct ranks, eight clients
     assert all(t.factors["q"].rank == spec.budget for t, spec in zip(tasks.values(), many))
+
+
+def test_flexlora_client_above_the_aggregate_rank_trains_every_slot_from_an_unchanged_product():
+    """A rank-3 client after a round whose ΔW has rank 1: its two extra slots are a zero B
+    column over an A row orthogonal to the kept one (zero pairs would get no gradient)."""
+    from fedlora.lora import LoRAModel
+    from fedlora.strategies import build_strategy
+
+    from ..conftest import TinyRegressor
+
+    torch.manual_seed(0)
+    lm = LoRAModel(TinyRegressor().double(), targets=["up", "down"])
+    s = build_strategy("flexlora", lm.shapes(), [1, 3], seed=0, global_rank=3, alpha=4.0)
+    s.aggregate(1, train(s.configure(1, [ClientSpec(0, 1, 10)])))  # ΔW of rank 1
+    task = s.configure(2, [ClientSpec(1, 3, 10)])[1]
+    for name, f in task.factors.items():
+        assert s.svd[name].S.numel() == 1 and f.rank == 3
+        torch.testing.assert_close(task.scale * f.B @ f.A, global_dense(s, name), rtol=0, atol=1e-12)
+        torch.testing.assert_close(f.A[1:] @ f.A[1:].T, torch.eye(2, dtype=torch.float64) / 3, rtol=0, atol=1e-12)
+        torch.testing.assert_close(f.A[1:] @ f.A[:1].T, torch.zeros(2, 1, dtype=torch.float64), rtol=0, atol=1e-12)
+    lm.load(task)
+    g = torch.Generator().manual_seed(1)
+    lm.model(torch.randn(8, 6, generator=g, dtype=torch.float64),
+             torch.randn(8, 4, generator=g, dtype=torch.float64)).loss.backward()
+    for name, layer in lm.layers.items():
+        per_slot = layer.lora_A.grad.norm(dim=1) + layer.lora_B.grad.norm(dim=0)  # (r,)
+        assert (per_slot > 1e-8).all(), (name, per_slot)

@@ -179,3 +179,22 @@ def test_adam_server_optimizer_moves_only_covered_coordinates_and_resumes():
                    server_optimizer=ServerOptimizer("adam", lr=0.01))
     clone.load_state_dict(strat.state_dict())
     assert clone.optimizer.step_count == 1 and torch.equal(clone.factors["m"].A, strat.factors["m"].A)
+
+
+def test_adamw_server_optimizer_matches_torch_adamw_on_the_pseudo_gradient():
+    g = torch.Generator().manual_seed(0)
+    params = {"m": Factors(A=torch.randn(3, 5, generator=g, dtype=torch.float64),
+                           B=torch.randn(4, 3, generator=g, dtype=torch.float64))}
+    ref = [torch.nn.Parameter(params["m"].A.clone()), torch.nn.Parameter(params["m"].B.clone())]
+    ours = ServerOptimizer("adamw", lr=0.05)
+    torch_opt = torch.optim.AdamW(ref, lr=0.05)  # its defaults: betas (0.9, 0.999), eps 1e-8, decay 0.01
+    assert (ours.betas, ours.eps, ours.weight_decay) == ((0.9, 0.999), 1e-8, 0.01)
+    for _ in range(6):
+        delta = {"m": Factors(A=torch.randn(3, 5, generator=g, dtype=torch.float64),
+                              B=torch.randn(4, 3, generator=g, dtype=torch.float64))}
+        ours.step_(params, delta)
+        ref[0].grad, ref[1].grad = -delta["m"].A, -delta["m"].B  # the pseudo-gradient
+        torch_opt.step()
+    torch.testing.assert_close(params["m"].A, ref[0].detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(params["m"].B, ref[1].detach(), rtol=0, atol=1e-6)
+    assert ServerOptimizer("adam").betas == (0.9, 0.99) and ServerOptimizer("adam").weight_decay == 0

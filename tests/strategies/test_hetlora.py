@@ -5,7 +5,7 @@ import torch
 from fedlora import state as S
 from fedlora.strategies.hetlora import HetLoRASettings
 
-from .common import BUDGETS, SHAPES, SPECS, build, train, weights
+from .common import BUDGETS, SHAPES, SPECS, build, no_op_change, padded_increment_rounds, train, weights
 
 
 def test_hetlora_pads_averages_and_loads_the_aggregate_back():
@@ -47,3 +47,18 @@ def test_hetlora_norm_weighting_prefers_larger_updates():
     w = {c: raw[c] / sum(raw.values()) for c in range(3)}
     ref = sum(w[c] * S.pad_rank(ups[c].factors, s.rank)["v"].B for c in range(3))
     torch.testing.assert_close(s.factors["v"].B, ref)
+
+
+def test_hetlora_increment_form_adds_the_mean_padded_increment():
+    s = build("hetlora", HetLoRASettings(aggregate="increments"))
+    for ref in padded_increment_rounds(s):
+        for n in SHAPES:
+            torch.testing.assert_close(s.factors[n].A, ref[n].A, rtol=0, atol=1e-12)
+            torch.testing.assert_close(s.factors[n].B, ref[n].B, rtol=0, atol=1e-12)
+
+
+def test_hetlora_no_op_round_is_a_no_op_only_in_increment_form():
+    inc = no_op_change(build("hetlora", HetLoRASettings(aggregate="increments")))
+    fac = no_op_change(build("hetlora"))
+    assert all(v == 0 for v in inc.values()), inc
+    assert all(v > 0.1 for v in fac.values()), fac  # the padded mean shrinks the high slots

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ..lowrank import add_to_delta
-from ..methods import Method, first_line
+from ..methods import Method, always, first_line
 from ..seeding import torch_generator
 from ..state import clone, from_plain, init_factors, lora_scale, round_weights, to_plain, weighted_sum
 from ..types import ClientSpec, ClientTask, ClientUpdate, Factors, LoRAState
@@ -70,4 +70,5 @@ class FedExLoRA:
         self.factors, self.delta = from_plain(sd["factors"]), from_plain(sd["delta"])
 
 
-METHOD = Method("fedex", lambda c: FedExLoRA(c.shapes, c.budgets, c.alpha, c.seed, c.rslora), first_line(__doc__))
+METHOD = Method("fedex", lambda c: FedExLoRA(c.shapes, c.budgets, c.alpha, c.seed, c.rslora), first_line(__doc__),
+                exact=always)

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..lowrank import SVD, SigmaSplit, stack, svd_of_product
-from ..methods import Method, first_line
+from ..methods import Method, always, first_line
 from ..seeding import torch_generator
 from ..state import clone, init_factors, lora_scale, round_weights
 from ..types import ClientSpec, ClientTask, ClientUpdate, LoRAState
@@ -86,4 +86,4 @@ class FlexLoRASettings:
 
 
 METHOD = Method("flexlora", lambda c: FlexLoRA(c.shapes, c.alpha, c.seed, c.rslora, c.settings.sigma_split),
-                first_line(__doc__), settings=FlexLoRASettings)
+                first_line(__doc__), settings=FlexLoRASettings, exact=always)  # the SVD is kept whole

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..lowrank import add_to_delta
-from ..methods import Method, first_line
+from ..methods import Method, always, first_line
 from ..seeding import torch_generator
 from ..state import clone, init_factors, lora_scale, round_weights
 from ..types import ClientSpec, ClientTask, ClientUpdate, Factors, LoRAState
@@ -63,4 +63,4 @@ class FLoRA:
         self.delta = clone(sd["delta"])
 
 
-METHOD = Method("flora", lambda c: FLoRA(c.shapes, c.alpha, c.seed, c.rslora), first_line(__doc__))
+METHOD = Method("flora", lambda c: FLoRA(c.shapes, c.alpha, c.seed, c.rslora), first_line(__doc__), exact=always)

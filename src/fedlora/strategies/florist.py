@@ -94,4 +94,5 @@ def _build(c: BuildContext) -> FLoRIST:
     return FLoRIST(c.shapes, c.alpha, c.seed, c.rslora, s.energy)
 
 
-METHOD = Method("florist", _build, first_line(__doc__), settings=FLoRISTSettings)
+METHOD = Method("florist", _build, first_line(__doc__), settings=FLoRISTSettings,
+                exact=lambda s: s.energy >= 1.0)  # at full energy the merge is the exact sum

@@ -99,7 +99,8 @@ class FSLoRA:
 class FSLoRASettings:
     """``[strategy.fslora]``: the server's update of the global pair."""
 
-    server_optimizer: ServerOptimizerKind = "sgd"  # sgd with server_lr = 1 is plain averaging
+    # sgd with server_lr = 1 is plain averaging; adamw: torch.optim.AdamW defaults (the authors' server)
+    server_optimizer: ServerOptimizerKind = "sgd"
     server_lr: float = 1.0
 
     def validate(self) -> None:

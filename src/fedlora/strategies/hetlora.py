@@ -9,7 +9,10 @@ With ``norm_weighted``, each client's weight ``p_i`` is multiplied by the Froben
 of its whole update ``||B_i A_i||_F`` (all modules together, one weight per client),
 then renormalised: the paper's sparsity-weighted aggregation, which lets clients whose
 update is small (e.g. after rank self-pruning) count less. Rank self-pruning itself is
-not implemented.
+not implemented. With ``aggregate = "increments"`` the server adds the weighted mean of
+the padded increments ``pad(B_i' - B_i)``, ``pad(A_i' - A_i)`` to the global pair instead
+of replacing it by the mean of the padded factors, which shrinks every slot above a
+client's rank even when no client changed anything.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from ..clipping import product_norm_sq
 from ..methods import BuildContext, Method, first_line
-from ..state import clone, init_factors, lora_scale, pad_rank, round_weights, truncate_rank, weighted_sum
+from ..state import PaddedForm, clone, init_factors, lora_scale, padded_mean, round_weights, truncate_rank
 from ..types import ClientSpec, ClientTask, ClientUpdate, LoRAState
 
 
@@ -30,10 +33,11 @@ class HetLoRA:
     name = "hetlora"
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], budgets: Sequence[int], alpha: float,
-                 seed: int, rslora: bool = False, norm_weighted: bool = False) -> None:
+                 seed: int, rslora: bool = False, norm_weighted: bool = False,
+                 form: PaddedForm = "factors") -> None:
         self.rank = max(budgets)
         self.scale = lora_scale(alpha, self.rank, rslora)
-        self.norm_weighted = norm_weighted
+        self.norm_weighted, self.form = norm_weighted, form
         self.factors: LoRAState = init_factors(shapes, self.rank, torch.Generator().manual_seed(seed))
 
     def configure(self, rnd: int, clients: Sequence[ClientSpec]) -> dict[int, ClientTask]:
@@ -50,8 +54,8 @@ class HetLoRA:
             raw = [w * n for w, n in zip(weights, norms)]
             total = sum(raw)
             weights = [x / total for x in raw] if total > 0 else weights
-        padded = [pad_rank(updates[c].factors, self.rank) for c in cids]
-        self.factors = weighted_sum(padded, weights)
+        # what client i was sent follows from its upload's rank: no memory of the tasks needed
+        self.factors = padded_mean(self.factors, [updates[c].factors for c in cids], weights, self.form)
         return {}
 
     def global_task(self) -> ClientTask:
@@ -66,13 +70,15 @@ class HetLoRA:
 
 @dataclass
 class HetLoRASettings:
-    """``[strategy.hetlora]``: the aggregation weights."""
+    """``[strategy.hetlora]``: the aggregation weights and what is averaged."""
 
     norm_weighted: bool = False  # weight each client by the norm of its update (the paper's option)
+    aggregate: PaddedForm = "factors"  # "increments": global += mean of padded increments
 
 
 def _build(c: BuildContext) -> HetLoRA:
-    return HetLoRA(c.shapes, c.budgets, c.alpha, c.seed, c.rslora, c.settings.norm_weighted)
+    s: HetLoRASettings = c.settings
+    return HetLoRA(c.shapes, c.budgets, c.alpha, c.seed, c.rslora, s.norm_weighted, s.aggregate)
 
 
 METHOD = Method("hetlora", _build, first_line(__doc__), settings=HetLoRASettings)
