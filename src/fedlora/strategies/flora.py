@@ -11,18 +11,16 @@ exceeds that.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
-import torch
+from collections.abc import Mapping
 
 from ..lowrank import add_to_delta
 from ..methods import Method, always, first_line
-from ..seeding import torch_generator
-from ..state import clone, init_factors, lora_scale, round_weights
-from ..types import ClientSpec, ClientTask, ClientUpdate, Factors, LoRAState
+from ..state import lora_scale, round_weights
+from ..types import ClientUpdate, LoRAState
+from .stores import MergedBase
 
 
-class FLoRA:
+class FLoRA(MergedBase):
     name = "flora"
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], alpha: float, seed: int,
@@ -30,16 +28,6 @@ class FLoRA:
         self.shapes = dict(shapes)
         self.alpha, self.rslora, self.seed = alpha, rslora, seed
         self.delta: LoRAState = {}  # cumulative merged update per module (scale folded in)
-
-    def configure(self, rnd: int, clients: Sequence[ClientSpec]) -> dict[int, ClientTask]:
-        return {
-            c.cid: ClientTask(
-                factors=init_factors(self.shapes, c.budget, torch_generator(self.seed, "flora", rnd, c.cid)),
-                scale=lora_scale(self.alpha, c.budget, self.rslora),
-                base_delta=clone(self.delta),
-            )
-            for c in clients
-        }
 
     def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
         if not updates:
@@ -52,15 +40,6 @@ class FLoRA:
             self.delta[name] = add_to_delta(self.delta.get(name), new, weights)
         return {"delta_rank": float(next(iter(self.delta.values())).rank)}
 
-    def global_task(self) -> ClientTask:
-        empty = {n: Factors(A=torch.zeros(0, i), B=torch.zeros(o, 0)) for n, (o, i) in self.shapes.items()}
-        return ClientTask(factors=empty, scale=1.0, base_delta=clone(self.delta))
-
-    def state_dict(self) -> dict:
-        return {"delta": clone(self.delta)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.delta = clone(sd["delta"])
 
 
 METHOD = Method("flora", lambda c: FLoRA(c.shapes, c.alpha, c.seed, c.rslora), first_line(__doc__), exact=always)

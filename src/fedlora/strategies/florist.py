@@ -19,20 +19,18 @@ that missed rounds still starts from the current base.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-
-import torch
 
 from ..errors import check
 from ..lowrank import add_to_delta, energy_rank, stack, svd_of_product
 from ..methods import BuildContext, Method, first_line
-from ..seeding import torch_generator
-from ..state import clone, from_plain, init_factors, lora_scale, round_weights, to_plain
-from ..types import ClientSpec, ClientTask, ClientUpdate, Factors, LoRAState
+from ..state import lora_scale, round_weights
+from ..types import ClientUpdate, LoRAState
+from .stores import MergedBase
 
 
-class FLoRIST:
+class FLoRIST(MergedBase):
     name = "florist"
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], alpha: float, seed: int,
@@ -40,16 +38,6 @@ class FLoRIST:
         self.shapes = dict(shapes)
         self.alpha, self.rslora, self.seed, self.energy = alpha, rslora, seed, energy
         self.delta: LoRAState = {}  # cumulative merged update per module (scale folded in)
-
-    def configure(self, rnd: int, clients: Sequence[ClientSpec]) -> dict[int, ClientTask]:
-        return {
-            c.cid: ClientTask(
-                factors=init_factors(self.shapes, c.budget, torch_generator(self.seed, "florist", rnd, c.cid)),
-                scale=lora_scale(self.alpha, c.budget, self.rslora),
-                base_delta=clone(self.delta),
-            )
-            for c in clients
-        }
 
     def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
         if not updates:
@@ -67,15 +55,6 @@ class FLoRIST:
         ranks = [f.rank for f in self.delta.values()] or [0]
         return {"kept_rank": sum(kept) / len(kept), "delta_rank": sum(ranks) / len(ranks)}
 
-    def global_task(self) -> ClientTask:
-        empty = {n: Factors(A=torch.zeros(0, i), B=torch.zeros(o, 0)) for n, (o, i) in self.shapes.items()}
-        return ClientTask(factors=empty, scale=1.0, base_delta=clone(self.delta))
-
-    def state_dict(self) -> dict:
-        return {"delta": to_plain(self.delta)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.delta = from_plain(sd["delta"])
 
 
 @dataclass

@@ -25,11 +25,12 @@ import torch
 
 from ..clipping import product_norm_sq
 from ..methods import BuildContext, Method, first_line
-from ..state import PaddedForm, clone, init_factors, lora_scale, padded_mean, round_weights, truncate_rank
+from ..state import PaddedForm, init_factors, lora_scale, padded_mean, round_weights, truncate_rank
 from ..types import ClientSpec, ClientTask, ClientUpdate, LoRAState
+from .stores import OnePair
 
 
-class HetLoRA:
+class HetLoRA(OnePair):
     name = "hetlora"
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], budgets: Sequence[int], alpha: float,
@@ -58,14 +59,6 @@ class HetLoRA:
         self.factors = padded_mean(self.factors, [updates[c].factors for c in cids], weights, self.form)
         return {}
 
-    def global_task(self) -> ClientTask:
-        return ClientTask(factors=clone(self.factors), scale=self.scale)
-
-    def state_dict(self) -> dict:
-        return {"factors": clone(self.factors)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.factors = clone(sd["factors"])
 
 
 @dataclass

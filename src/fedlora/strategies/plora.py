@@ -35,13 +35,14 @@ from ..errors import check
 from ..methods import BuildContext, Method, first_line
 from ..seeding import torch_generator
 from ..sketch import sketch_indices
-from ..state import clone, from_plain, init_factors, lora_scale, round_weights, scatter_add_, take, to_plain
+from ..state import init_factors, lora_scale, round_weights, scatter_add_, take
 from ..types import ClientSpec, ClientTask, ClientUpdate, Factors, LoRAState
+from .stores import OnePair
 
 ModuleWeights = Literal["examples", "uniform"]
 
 
-class FedPLoRA:
+class FedPLoRA(OnePair):
     name = "plora"
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], global_rank: int, alpha: float, seed: int,
@@ -84,14 +85,6 @@ class FedPLoRA:
             f.B[:, hit] = (total[n].B[:, hit] / cover[hit]).to(f.B.dtype)
         return {"module_coverage": hit.double().mean().item()}
 
-    def global_task(self) -> ClientTask:
-        return ClientTask(factors=clone(self.factors), scale=self.scale)
-
-    def state_dict(self) -> dict:
-        return {"factors": to_plain(self.factors)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.factors = from_plain(sd["factors"])
 
 
 @dataclass
