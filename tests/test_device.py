@@ -173,8 +173,21 @@ def test_a_4bit_base_trains_where_bitsandbytes_runs_or_says_why_not(tiny_llama_d
     assert rows(out)[-1]["train_loss"] > 0
     import bitsandbytes as bnb
 
-    exp = build_experiment(load_config(out / "config.toml", [f'output_dir="{tmp_path / "again"}"']))
-    assert isinstance(exp.lm.layers["model.layers.0.self_attn.q_proj"].base, bnb.nn.Linear4bit)
+    cfg = load_config(out / "config.toml", [f'output_dir="{tmp_path / "again"}"'])
+    grads = []
+    for evaluate_first in (False, True):  # an evaluation must not change what training computes next
+        exp = build_experiment(cfg)
+        assert isinstance(exp.lm.layers["model.layers.0.self_attn.q_proj"].base, bnb.nn.Linear4bit)
+        if evaluate_first:
+            evaluate_global(exp)
+        task = exp.server.configure(1, [0])[0]
+        for f in task.factors.values():
+            f.B.normal_(generator=torch.Generator().manual_seed(0))  # so that A (in layer 0) gets gradients too
+        exp.lm.load(task)
+        exp.lm.model.train()
+        exp.lm.model(**exp.data.encoded.batch(exp.data.clients[0][:4])).loss.backward()
+        grads.append(exp.lm.layers["model.layers.0.self_attn.q_proj"].lora_A.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
 def test_quantisation_without_bitsandbytes_or_on_an_unsupported_device_is_one_line(monkeypatch):

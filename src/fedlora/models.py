@@ -177,6 +177,13 @@ def load_model(cfg: ModelConfig, num_labels: int, seed: int, device: torch.devic
     model.config.pad_token_id = tokenizer.pad_token_id
     if quant is None:
         model = model.to(device=device, dtype=weights["dtype"])  # the fresh head too
+    elif device.type == "cpu":
+        # bitsandbytes (0.50) repacks a 4-bit weight for its CPU inference kernel the first time the
+        # layer runs in eval mode, for good; that kernel has no backward, so training after an
+        # evaluation would silently lose the gradients through every base layer. Keep the layout.
+        for m in model.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
     if cfg.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ConfigError(f"model.gradient_checkpointing: {type(model).__name__} does not support it")
