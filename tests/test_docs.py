@@ -26,3 +26,10 @@ def test_the_docs_are_found():
 def test_every_relative_link_resolves(md):
     missing = [link for link in relative_links(md) if not (md.parent / link).exists()]
     assert not missing, f"{md.relative_to(ROOT)} links to missing files: {missing}"
+
+
+def test_the_library_example_runs_and_its_loss_falls():
+    import runpy
+
+    losses = runpy.run_path(str(ROOT / "examples" / "library.py"))["main"]()
+    assert len(losses) == 10 and sum(losses[-3:]) / 3 < losses[0]
