@@ -1,7 +1,7 @@
 """Run every benchmark, show their tables, and end with one summary table of the targets.
 
-    python benchmarks/run_all.py           # the numbers in benchmarks/README.md (~11 min on 2 cores)
-    python benchmarks/run_all.py --quick   # smoke mode of every script (~80 s)
+    python benchmarks/run_all.py           # the numbers in benchmarks/README.md (~15 min on 2 cores)
+    python benchmarks/run_all.py --quick   # smoke mode of every script (~85 s)
 
 Each script runs in its own process (so one's memory does not colour another's) and
 ends with a ``SUMMARY [...]`` line that is gathered here.
