@@ -1,7 +1,7 @@
 """Run every benchmark, show their tables, and end with one summary table of the targets.
 
-    python benchmarks/run_all.py           # the numbers in benchmarks/README.md (~11 min on 2 cores)
-    python benchmarks/run_all.py --quick   # smoke mode of every script (~80 s)
+    python benchmarks/run_all.py           # the numbers in benchmarks/README.md (~15 min on 2 cores)
+    python benchmarks/run_all.py --quick   # smoke mode of every script (~85 s)
 
 Each script runs in its own process (so one's memory does not colour another's) and
 ends with a ``SUMMARY [...]`` line that is gathered here.
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 SCRIPTS = ["comm.py", "server_cost.py", "flexlora_svd.py", "client_cost.py", "sim_overhead.py", "scale.py",
-           "mc_eval.py"]
+           "mc_eval.py", "rank_recovery.py"]
 NOISE = ("USDT:", "CPUAllocator.cpp", "Writing model shards")  # profiler/kineto chatter on stderr
 
 
