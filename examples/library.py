@@ -16,7 +16,7 @@ from torch import nn
 from fedlora.client import local_train
 from fedlora.config import TrainConfig
 from fedlora.lora import LoRAModel
-from fedlora.server import FederatedServer, sample_clients
+from fedlora.server import FederatedServer
 from fedlora.strategies import build_strategy
 
 
@@ -42,11 +42,11 @@ def main() -> list[float]:
         data.append({"x": x, "labels": target.down(torch.tanh(target.up(x))).detach()})
     budgets, examples = [2, 4, 8, 8], [64] * 4
     strategy = build_strategy("fslora", lm.shapes(), budgets, seed=0, global_rank=8, alpha=8.0)
-    server = FederatedServer(strategy, lm.head_state(), budgets, examples)
+    server = FederatedServer(strategy, lm.head_state(), budgets, examples, per_round=3)
     train = TrainConfig(local_steps=5, lr=0.05)
     losses = []
     for rnd in range(1, 11):
-        tasks = server.configure(rnd, sample_clients(num_clients=4, per_round=3, seed=0, rnd=rnd))
+        tasks = server.configure(rnd, server.sample(rnd))  # 3 of the 4 clients, seeded
         updates = {cid: local_train(lm, task, [data[cid]] * train.local_steps, train, examples[cid])
                    for cid, task in tasks.items()}
         metrics = server.aggregate(rnd, tasks, updates)  # screening, clipping, head, the strategy

@@ -47,3 +47,67 @@ def test_clipped_update_respects_the_bound(seed):
     assert after >= C * 0.999  # shrunk to the bound, not to nothing
     same, _ = clip_update(task, update, dense_norm * 2)
     assert same is update  # under the bound: untouched
+
+
+def test_fslora_clips_the_change_to_the_global_model_not_the_clients_rescaled_one():
+    from fedlora.strategies.fslora import FSLoRA
+    from fedlora.types import ClientSpec
+
+    g = torch.Generator().manual_seed(0)
+    strat = FSLoRA({"m": (12, 10)}, global_rank=8, alpha=8.0, seed=0)
+    strat.factors["m"].B.copy_(torch.randn(12, 8, generator=g))
+    task = strat.configure(1, [ClientSpec(0, 2, 5)])[0]  # budget 2 of 8: trains at s * r / k = 4 s
+    assert task.effect_scale == strat.scale and task.scale == pytest.approx(4 * strat.scale)
+    sent = task.factors["m"]
+    step = Factors(A=torch.randn(sent.A.shape, generator=g), B=torch.randn(sent.B.shape, generator=g))
+    trained = Factors(A=sent.A + step.A, B=sent.B + step.B)
+    update = ClientUpdate(factors={"m": trained}, num_examples=5)
+
+    def global_change(u):  # what the update alone would do to the dense global weight
+        return strat.scale * (u.factors["m"].B.double() @ u.factors["m"].A.double() - sent.B.double() @ sent.A.double())
+
+    dense = torch.linalg.norm(global_change(update)).item()
+    assert update_norm(task, update) == pytest.approx(dense, rel=1e-9)
+    C = dense / 3
+    clipped, _ = clip_update(task, update, C)
+    assert torch.linalg.norm(global_change(clipped)).item() == pytest.approx(C, rel=1e-6)
+
+
+def test_adaptive_clip_tracks_the_target_quantile_of_the_norms():
+    from fedlora.clipping import AdaptiveClip
+
+    clip = AdaptiveClip(bound=1.0, quantile=0.5, lr=0.2)
+    norms = [float(n) for n in range(1, 11)]  # the median lies between 5 and 6
+    for _ in range(200):
+        clip.step(norms)
+    assert 5.0 <= clip.bound <= 6.0
+    low = AdaptiveClip(bound=100.0, quantile=0.9, lr=0.2)
+    for _ in range(200):
+        low.step(norms)
+    assert 9.0 <= low.bound <= 10.0
+
+
+def test_outliers_far_above_the_median_are_zeroed_and_the_rest_clipped():
+    from fedlora.clipping import bound_updates
+
+    g = torch.Generator().manual_seed(3)
+    tasks, updates = {}, {}
+    for c, size in enumerate([1.0, 1.2, 0.9, 50.0]):  # client 3 is a wild update
+        sent = rand_factors(2, 6, 5, g)
+        tasks[c] = ClientTask(factors={"m": sent}, scale=1.0)
+        step = rand_factors(2, 6, 5, g, scale=size * 0.1)
+        updates[c] = ClientUpdate(factors={"m": Factors(A=sent.A + step.A, B=sent.B + step.B)}, num_examples=5)
+    smallest = min(update_norm(tasks[c], u) for c, u in updates.items())
+    out, norms, metrics = bound_updates(tasks, updates, clip_norm=smallest, outlier_factor=5.0)
+    assert metrics == {"zeroed": 1.0, "clipped": 2.0} and norms[3] == max(norms.values())
+    assert torch.equal(out[3].factors["m"].B, tasks[3].factors["m"].B)  # as if it had not trained
+    assert all(update_norm(tasks[c], out[c]) <= smallest * (1 + 1e-6) for c in range(3))
+
+
+def test_clip_norm_takes_a_number_or_auto():
+    from fedlora.config import ConfigError, load_config
+
+    assert load_config(None, ['privacy.clip_norm="auto"']).privacy.clip_norm == "auto"
+    assert load_config(None, ["privacy.clip_norm=2"]).privacy.clip_norm == 2.0
+    with pytest.raises(ConfigError, match="privacy.clip_norm: expected float, got 'often' or must be one of auto"):
+        load_config(None, ['privacy.clip_norm="often"'])

@@ -1,13 +1,22 @@
-"""Clipping what one client can do to the model: norms measured on ``ΔW`` itself, never formed.
+"""Bounding what one client can do to the model: norms measured on ``ΔW`` itself, never formed.
 
-A client's effect on a layer is ``D = s (B' A' - B A)`` (trained minus sent factors).
-Its Frobenius norm comes from two small Gram matrices, never from the ``m × n`` matrix:
-with ``P = [B', -B]`` and ``Q = [A'; A]``, ``||P Q||² = sum((PᵀP) ∘ (Q Qᵀ))``.
+A client's effect on a layer of the global model is ``D = s (B' A' - B A)`` (trained minus
+sent factors), ``s`` the scale at which its factors act on the global model
+(:func:`effect_scale`: FSLoRA's client trains at ``s r / k`` but moves the global pair at
+``s``). The Frobenius norm comes from two small Gram matrices, never from the ``m × n``
+matrix: with ``P = [B', -B]`` and ``Q = [A'; A]``, ``||P Q||² = sum((PᵀP) ∘ (Q Qᵀ))``.
+
+Robust aggregation on request: a fixed clip, an adaptive one that tracks a quantile of the
+updates' norms (Andrew et al., 2021, as TensorFlow Federated's robust aggregator does),
+and zeroing of updates whose norm is far above the round's median.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -27,9 +36,15 @@ def change_norm_sq(sent: Factors, trained: Factors, scale: float) -> float:
     return scale**2 * product_norm_sq(P, Q)
 
 
+def effect_scale(task: ClientTask) -> float:
+    """The scale at which a client's factor change moves the global model."""
+    return task.scale if task.effect_scale is None else task.effect_scale
+
+
 def update_norm(task: ClientTask, update: ClientUpdate) -> float:
-    """Norm of a client's whole change: every layer's ``ΔW`` and its head increment."""
-    total = sum(change_norm_sq(task.factors[n], update.factors[n], task.scale) for n in task.factors)
+    """Norm of a client's whole change to the global model: every layer's ``ΔW`` and its head increment."""
+    scale = effect_scale(task)
+    total = sum(change_norm_sq(task.factors[n], update.factors[n], scale) for n in task.factors)
     total += sum(float(((update.head[k] - task.head[k]).double() ** 2).sum()) for k in task.head)
     return math.sqrt(total)
 
@@ -44,15 +59,15 @@ def shrink(task: ClientTask, update: ClientUpdate, c: float) -> ClientUpdate:
                         freeze_A=update.freeze_A)
 
 
-def clip_update(task: ClientTask, update: ClientUpdate, max_norm: float,
+def clip_update(task: ClientTask, update: ClientUpdate, max_norm: float, norm: float | None = None,
                 iters: int = 60) -> tuple[ClientUpdate, float]:
     """Shrink the update so that its ``ΔW`` norm is at most ``max_norm``; return (update, norm).
 
     ``ΔW`` is quadratic in the factor increments, so the shrink factor is found by
     bisection on ``[0, 1]``; the lower end always satisfies the bound (``c = 0`` is no
-    change), so the result never exceeds it.
+    change), so the result never exceeds it. ``norm``: the update's norm, if known.
     """
-    norm = update_norm(task, update)
+    norm = update_norm(task, update) if norm is None else norm
     if norm <= max_norm:
         return update, norm
     lo, hi = 0.0, min(1.0, max_norm / norm * 2)
@@ -80,3 +95,36 @@ def clip_increment(task: ClientTask, update: ClientUpdate, max_norm: float) -> C
     the per-client sensitivity bound that DP noise is calibrated to."""
     norm = increment_norm(task, update)
     return update if norm <= max_norm else shrink(task, update, max_norm / norm)
+
+
+@dataclass
+class AdaptiveClip:
+    """A clip bound that follows the ``quantile`` of the updates' norms: after each round,
+    ``bound *= exp(-lr * (share of updates at or under the bound - quantile))``."""
+
+    bound: float = 1.0
+    quantile: float = 0.5
+    lr: float = 0.2
+
+    def step(self, norms: Sequence[float]) -> None:
+        if norms:
+            under = sum(n <= self.bound for n in norms) / len(norms)
+            self.bound *= math.exp(-self.lr * (under - self.quantile))
+
+
+def bound_updates(tasks: Mapping[int, ClientTask], updates: Mapping[int, ClientUpdate], clip_norm: float,
+                  outlier_factor: float) -> tuple[dict[int, ClientUpdate], dict[int, float], dict[str, float]]:
+    """Zero the outliers (norm above ``outlier_factor`` x the round's median; needs 3 updates),
+    then clip the rest to ``clip_norm`` (0: no clip). Returns (updates, each norm before, metrics)."""
+    norms = {c: update_norm(tasks[c], u) for c, u in updates.items()}
+    out, metrics, zeroed = dict(updates), {}, set()
+    if outlier_factor > 0 and len(norms) >= 3:
+        limit = outlier_factor * statistics.median(norms.values())
+        zeroed = {c for c, n in norms.items() if n > limit}
+        out.update({c: shrink(tasks[c], updates[c], 0.0) for c in zeroed})  # as if it had not trained
+        metrics["zeroed"] = float(len(zeroed))
+    if clip_norm > 0:
+        kept = [c for c in out if c not in zeroed]
+        out.update({c: clip_update(tasks[c], out[c], clip_norm, norms[c])[0] for c in kept})
+        metrics["clipped"] = float(sum(norms[c] > clip_norm for c in kept))
+    return out, norms, metrics

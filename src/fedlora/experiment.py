@@ -101,9 +101,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     server = FederatedServer(
         strategy, lm.head_state(), budgets, [len(c) for c in data.clients],
         fingerprint=lm.fingerprint, min_clients=cfg.reliability.min_clients,
-        privacy=cfg.privacy, seed=cfg.seed,
-        sample_rate=clients_per_round(cfg) / cfg.data.num_clients,
-        weighting=s.weighting)
+        privacy=cfg.privacy, seed=cfg.seed, per_round=clients_per_round(cfg), weighting=s.weighting)
     return Experiment(cfg, lm, data, budgets, server)
 
 

@@ -1,4 +1,4 @@
-"""The server's round logic around a strategy: sampling, screening, clipping, the head, DP.
+"""The server's round logic around a strategy: sampling, screening, bounding, the head, DP.
 
 Both carriers (the in-process simulator and the Flower ServerApp) drive this object,
 so a round means the same thing on one machine and across many.
@@ -13,12 +13,13 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .clipping import clip_increment, clip_update
+from .clipping import AdaptiveClip, bound_updates
 from .config import PrivacyConfig
 from .diagnostics import round_diagnostics, sample_modules
-from .seeding import numpy_rng, torch_generator
+from .privacy import DPMechanism
+from .seeding import numpy_rng
 from .state import example_weights, weighted_sum_tensors
-from .types import ClientSpec, ClientTask, ClientUpdate, NoisyStrategy, Strategy, payload_nbytes
+from .types import ClientSpec, ClientTask, ClientUpdate, Strategy, payload_nbytes
 from .validate import screen_updates
 
 log = logging.getLogger("fedlora.server")
@@ -32,24 +33,35 @@ def sample_clients(num_clients: int, per_round: int, seed: int, rnd: int) -> lis
 
 
 class FederatedServer:
-    """A strategy plus what every method shares: screening and clipping of updates,
-    head averaging, traffic counts, and differential privacy."""
+    """A strategy plus what every method shares: sampling, screening and bounding of updates,
+    head averaging, traffic counts, fidelity diagnostics and differential privacy.
+
+    ``per_round``: clients sampled per round (default: all of them; with DP, the expected
+    number of a Poisson sample).
+    """
 
     def __init__(self, strategy: Strategy, head: Mapping[str, Tensor], budgets: Sequence[int],
                  num_examples: Sequence[int], fingerprint: str = "", min_clients: int = 1,
                  privacy: PrivacyConfig | None = None, seed: int = 0,
-                 sample_rate: float = 1.0, weighting: str = "examples") -> None:
+                 per_round: int | None = None, weighting: str = "examples") -> None:
         self.strategy = strategy
         self.head = {k: v.detach().clone() for k, v in head.items()}
         self.budgets = list(budgets)
         self.num_examples = list(num_examples)
         self.fingerprint = fingerprint
         self.min_clients = min_clients
-        self.privacy = privacy or PrivacyConfig()
+        self.privacy = p = privacy or PrivacyConfig()
         self.seed = seed
+        self.per_round = per_round or len(self.budgets)
         self.weighting = weighting  # "examples" (p_i ∝ n_i) or "uniform" (p_i = 1/N)
-        self.sample_rate = sample_rate  # share of the population per round (DP accounting)
-        self.dp_rounds = 0  # rounds that added noise (for privacy accounting)
+        self.adaptive = AdaptiveClip(p.clip_init, p.clip_quantile, p.clip_lr) if p.clip_norm == "auto" else None
+        self.dp = DPMechanism(p, len(self.budgets), self.per_round, seed) if p.noise_multiplier > 0 else None
+
+    def sample(self, rnd: int) -> list[int]:
+        """The clients of round ``rnd``: a seeded fixed-size sample, or under DP a Poisson sample."""
+        if self.dp is not None:
+            return self.dp.sample(rnd)
+        return sample_clients(len(self.budgets), self.per_round, self.seed, rnd)
 
     def spec(self, cid: int) -> ClientSpec:
         return ClientSpec(cid=cid, budget=self.budgets[cid], num_examples=self.num_examples[cid])
@@ -94,50 +106,29 @@ class FederatedServer:
         losses = [valid[c].metrics.get("train_loss", float("nan")) for c in cids]
         metrics["train_loss"] = float(sum(w * x for w, x in zip(weights, losses)))
         metrics.update(self.strategy.aggregate(rnd, valid))
-        if self.privacy.noise_multiplier > 0:
-            self._add_noise(rnd, len(cids))
-            metrics["dp_epsilon"] = self.epsilon()
+        if self.dp is not None:  # the strategy can take it: checked when the config loads
+            self.dp.add_noise(self.strategy, self.head, rnd)
+            metrics["dp_epsilon"] = self.dp.epsilon()
         # measured on the global the round really produced (DP noise included)
         glob = self.strategy.global_task()
         metrics.update(round_diagnostics(tasks, valid, glob, sample_modules(list(glob.factors), self.seed)))
         return metrics
 
     def _bound_and_weigh(self, tasks: Mapping[int, ClientTask], valid: dict[int, ClientUpdate],
-              metrics: dict[str, float]) -> dict[int, ClientUpdate]:
+                         metrics: dict[str, float]) -> dict[int, ClientUpdate]:
         p = self.privacy
-        if p.clip_norm > 0:
-            clipped = {c: clip_update(tasks[c], u, p.clip_norm) for c, u in valid.items()}
-            metrics["clipped"] = float(sum(norm > p.clip_norm for _, norm in clipped.values()))
-            valid = {c: u for c, (u, _) in clipped.items()}
-        if p.noise_multiplier > 0:
-            # DP: bounded per-client sensitivity and equal weights (sensitivity dp_clip / n).
-            valid = {c: clip_increment(tasks[c], u, p.dp_clip) for c, u in valid.items()}
-        if p.noise_multiplier > 0 or self.weighting == "uniform":
-            # Every strategy weights by num_examples; one each makes the weights uniform.
+        clip = self.adaptive.bound if self.adaptive else p.clip_norm
+        if clip or p.outlier_factor:
+            valid, norms, bounded = bound_updates(tasks, valid, clip, p.outlier_factor)
+            metrics.update(bounded)
+            if self.adaptive:
+                metrics["clip_norm"] = clip
+                self.adaptive.step(list(norms.values()))
+        if self.dp is not None:
+            return self.dp.bound(tasks, valid)
+        if self.weighting == "uniform":  # every strategy weights by num_examples: one each is uniform
             valid = {c: dataclasses.replace(u, num_examples=1) for c, u in valid.items()}
         return valid
-
-    def noise_std(self, num_clients: int) -> float:
-        return self.privacy.noise_multiplier * self.privacy.dp_clip / num_clients
-
-    def _add_noise(self, rnd: int, num_clients: int) -> None:
-        """Gaussian noise, once per round, on the aggregate (factors and head)."""
-        std = self.noise_std(num_clients)
-        g = torch_generator(self.seed, "dp-noise", rnd)
-        strategy: NoisyStrategy = self.strategy  # DP support is checked when the config loads
-        strategy.perturb_(std, g)
-        for k in sorted(self.head):
-            self.head[k] += torch.randn(self.head[k].shape, generator=g, dtype=self.head[k].dtype) * std
-        self.dp_rounds += 1
-
-    def epsilon(self) -> float:
-        """(epsilon, delta)-DP spent so far, from opacus's RDP accountant."""
-        from opacus.accountants import RDPAccountant
-
-        acc = RDPAccountant()
-        for _ in range(self.dp_rounds):
-            acc.step(noise_multiplier=self.privacy.noise_multiplier, sample_rate=self.sample_rate)
-        return float(acc.get_epsilon(delta=self.privacy.delta))
 
     def global_task(self) -> ClientTask:
         task = self.strategy.global_task()
@@ -145,10 +136,14 @@ class FederatedServer:
         return task
 
     def state_dict(self) -> dict:
-        return {"strategy": self.strategy.state_dict(), "dp_rounds": self.dp_rounds,
-                "head": {k: v.clone() for k, v in self.head.items()}}
+        return {"strategy": self.strategy.state_dict(), "head": {k: v.clone() for k, v in self.head.items()},
+                "dp_rounds": self.dp.rounds if self.dp else 0,
+                "clip_bound": self.adaptive.bound if self.adaptive else 0.0}
 
     def load_state_dict(self, sd: dict) -> None:
         self.strategy.load_state_dict(sd["strategy"])
-        self.dp_rounds = sd.get("dp_rounds", 0)
         self.head = {k: torch.as_tensor(v).clone() for k, v in sd["head"].items()}
+        if self.dp:
+            self.dp.rounds = sd.get("dp_rounds", 0)
+        if self.adaptive:
+            self.adaptive.bound = sd.get("clip_bound", self.adaptive.bound)

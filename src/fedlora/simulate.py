@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from .experiment import Experiment, clients_per_round, train_client
+from .experiment import Experiment, train_client
 from .seeding import numpy_rng
-from .server import sample_clients
 from .types import ClientUpdate
 
 log = logging.getLogger("fedlora.simulate")
@@ -24,8 +23,7 @@ class ClientFault(RuntimeError):
 def simulate_round(exp: Experiment, rnd: int) -> dict[str, float]:
     """One round: sample, configure, train (with injected faults), aggregate."""
     cfg, rel = exp.cfg, exp.cfg.reliability
-    cids = sample_clients(cfg.data.num_clients, clients_per_round(cfg), cfg.seed, rnd)
-    tasks = exp.server.configure(rnd, cids)
+    tasks = exp.server.configure(rnd, exp.server.sample(rnd))
     updates: dict[int, ClientUpdate] = {}
     lost: list[int] = []
     for cid, task in tasks.items():

@@ -72,6 +72,9 @@ class ClientTask:
         config: scalar settings for the client (e.g. FSLoRA's sketch ratio).
         fingerprint: of the base model the task is for (see ``LoRAModel.fingerprint``);
             a client holding another base refuses it. Empty: not checked.
+        effect_scale: the scale at which the client's factor change moves the GLOBAL model,
+            when it differs from ``scale`` (FSLoRA: ``s``, while the client trains at
+            ``s r / k``); clipping measures the change there. Server-side only, never sent.
     """
 
     factors: LoRAState
@@ -81,6 +84,7 @@ class ClientTask:
     head: dict[str, Tensor] = field(default_factory=dict)
     config: dict[str, int | float | str] = field(default_factory=dict)
     fingerprint: str = ""
+    effect_scale: float | None = None
 
 
 @dataclass

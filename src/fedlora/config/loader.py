@@ -98,10 +98,18 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
-        options = [t for t in typing.get_args(tp) if t is not type(None)]
-        if len(options) != 1:  # TOML has no null: `X | None` is an optional X (None when the key is absent)
-            raise ConfigError(f"{key}: union types are not supported in configs")
-        return _coerce(options[0], value, key)
+        # TOML has no null: `X | None` is an optional X (None when the key is absent); other unions
+        # (e.g. `float | Literal["auto"]`) take the first member that accepts the value
+        members = [t for t in typing.get_args(tp) if t is not type(None)]
+        if len(members) == 1:
+            return _coerce(members[0], value, key)
+        errors = []
+        for member in members:
+            try:
+                return _coerce(member, value, key)
+            except ConfigError as e:
+                errors.append(str(e).split(": ", 1)[1])
+        raise ConfigError(f"{key}: {' or '.join(errors)}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):

@@ -14,9 +14,8 @@ import time
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from ..experiment import Experiment, build_experiment, clients_per_round
+from ..experiment import Experiment, build_experiment
 from ..runner import run
-from ..server import sample_clients
 from . import codec
 from .run_config import RUN_MIN_NODES, RUN_ROUND_TIMEOUT, config_from_run_config
 
@@ -72,9 +71,8 @@ class GridRounds:
     def __call__(self, exp: Experiment, rnd: int) -> dict:
         if not self.node_of:
             self.register(exp)
-        cfg = exp.cfg
         online = set(self.grid.get_node_ids())
-        sampled = sample_clients(cfg.data.num_clients, clients_per_round(cfg), cfg.seed, rnd)
+        sampled = exp.server.sample(rnd)
         cids = [c for c in sampled if self.node_of.get(c) in online]
         for c in sorted(set(sampled) - set(cids)):
             log.warning("round %d: client %d dropped: its node %s is not connected", rnd, c,

@@ -51,7 +51,7 @@ class FSLoRA:
             idx = sketch_indices(self.seed, rnd, c.cid, self.rank, k)
             self._sent[c.cid] = idx
             tasks[c.cid] = ClientTask(factors=take(self.factors, idx), scale=self.scale * self.rank / k,
-                                      config={"sketch_ratio": k / self.rank})
+                                      config={"sketch_ratio": k / self.rank}, effect_scale=self.scale)
         return tasks
 
     def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
