@@ -9,8 +9,8 @@ from fedlora.cli import main
 from fedlora.compare import run_dir
 from fedlora.config import ConfigError
 from fedlora.strategies import METHODS
-from fedlora.study.report import method_lines, verdict
-from fedlora.study.runner import MethodResult, chosen_lrs, sweep_dir, task_dir
+from fedlora.study.report import method_lines
+from fedlora.study.runner import chosen_lrs, sweep_dir, task_dir
 from fedlora.study.spec import Study, load_study
 
 from .conftest import tiny_overrides
@@ -18,6 +18,7 @@ from .conftest import tiny_overrides
 STUDY = """
 methods = ["fslora", "flexlora", "fedit"]
 seeds = [0, 1]
+references = ["centralised", "local"]
 
 [[task]]
 name = "alpha"
@@ -28,7 +29,6 @@ name = "beta"
 config = "tiny_iid.toml"
 
 [sweep]
-task = "alpha"
 seed = 7
 lrs = [1e-2, 5e-2]
 
@@ -67,42 +67,50 @@ def tiny_study(tiny_bert_dir, tmp_path):
     return tmp_path / "study.toml"
 
 
+@pytest.mark.slow
 def test_study_runs_everything_and_writes_a_well_formed_report(tiny_study, tmp_path, capsys):
     out, report = tmp_path / "runs", tmp_path / "docs" / "results.md"
     args = ["study", str(tiny_study), "--out", str(out), "--report", str(report), "--quiet"]
     assert main(args) == 0
     study = load_study(tiny_study)
     md = report.read_text()
+    entries = study.methods + study.references
 
-    # the sweep's choice is the best sweep accuracy of each method, and the tasks use it
-    lrs = chosen_lrs(study, out)
-    for m in study.methods:
-        accs = {lr: json.loads((run_dir(sweep_dir(out, lr), m, 7) / "summary.json").read_text())["final_accuracy"]
-                for lr in study.sweep.lrs}
-        assert accs[lrs[m]] == max(accs.values())
-        for task in study.tasks:
+    for task in study.tasks:
+        # each task's own sweep picks each method's (and reference's) rate, and the task's runs use it
+        lrs = chosen_lrs(study, out, task)
+        for m in entries:
+            accs = {lr: json.loads((run_dir(sweep_dir(out, task, lr), m, 7) / "summary.json").read_text())
+                    ["final_accuracy"] for lr in study.sweep.lrs}
+            assert accs[lrs[m]] == max(accs.values())
             for seed in study.seeds:
                 cfg = (run_dir(task_dir(out, task), m, seed) / "config.toml").read_text()
                 assert re.search(rf"^lr = {lrs[m]}$", cfg, re.M), (m, task, seed)
-
-    # one table row per method and task, with every seed's accuracy equal to its summary
-    for task in study.tasks:
+        # one table row per method and reference line, its mean the mean of its runs' summaries
         section = md.split(f"## Task `{task}`")[1].split("\n## ")[0]
-        for m in study.methods:
-            row = next(line for line in section.splitlines() if line.startswith(f"| {m} | {lrs[m]:g} |"))
-            for seed in study.seeds:
-                acc = json.loads((run_dir(task_dir(out, task), m, seed) / "summary.json").read_text())
-                assert f"{acc['final_accuracy']:.3f}" in row
+        for m in entries:
+            label = m if m in study.methods else f"*{m}* (reference)"
+            row = next(line for line in section.splitlines() if line.startswith(f"| {label} | {lrs[m]:g} |"))
+            accs = [json.loads((run_dir(task_dir(out, task), m, seed) / "summary.json").read_text())["final_accuracy"]
+                    for seed in study.seeds]
+            assert f"{sum(accs) / len(accs):.3f} ± " in row
+        assert "**Power:** paired over 2 seeds" in section and "**Run length:** the best method here" in section
+        assert re.search(r"accuracy at [0-9.e+-]+ MB up", section)
+    # the centralised line is one client for all the federation's steps; local-only trains every client alone
+    central = (run_dir(task_dir(out, "alpha"), "centralised", 0) / "config.toml").read_text()
+    assert "num_clients = 1" in central and "local_steps = 12" in central  # 2 rounds x 3 clients x 2 steps
+    local = [json.loads(x) for x in (run_dir(task_dir(out, "alpha"), "local", 0) / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert len(local[-1]["client_accuracy"]) == 4 and local[-1]["bytes_up"] == 0
     assert "## Where `fslora` wins, ties or loses" in md
     # with two rates every choice is at an edge of the grid: the report says the grid may be too narrow
-    assert md.count(" (edge) |") == 3
-    assert "**(edge)**: `fslora`, `flexlora`, `fedit` chose the smallest or largest" in md
+    assert md.count(" (edge) |") == 2 * len(entries)
     assert md.count("`alpha` vs `") == 2 and md.count("`beta` vs `") == 2
     assert "### k of r = 8" in md and "`budgets.ranks=[2]`" in md
     for png in ["alpha_accuracy_vs_round.png", "beta_accuracy_vs_upload.png", "ablation_ratio.png"]:
         path = report.parent / "img" / "results" / png
         assert path.stat().st_size > 1000 and f"img/results/{png}" in md
-    assert "**Cost:** 22 runs" in md  # sweep 2x3 + tasks 2x3x2 + ablation 2x2
+    assert "**Cost:** 44 runs" in md  # sweeps 2 tasks x 2 rates x 5 lines + tasks 2 x 2 seeds x 5 + ablation 2 x 2
     for table in re.findall(r"(?:^\|.*\|\n)+", md, re.M):  # every row has its header's columns
         widths = {line.count("|") for line in table.splitlines()}
         assert len(widths) == 1, table
@@ -163,7 +171,9 @@ def test_a_finished_run_of_another_setup_is_not_mixed_in(tiny_study, tmp_path, c
     (('[sweep]', '[sweep]\nlr = 1'), "study.toml: unknown config key 'sweep.lr'"),
     (('methods = [', 'path = "x"\nmethods = ['), "study.toml: path: not a study key"),
     (('config = "tiny.toml"', 'config = "missing.toml"'), "study.toml: task[0].config: file not found"),
-    (('task = "alpha"\nseed', 'task = "gamma"\nseed'), "study.toml: sweep.task: unknown task 'gamma'"),
+    (('[sweep]', '[sweep]\ntask = "alpha"'), "study.toml: sweep.task: every task now runs its own sweep"),
+    (('references = ["centralised", "local"]', 'references = ["global"]'),
+     "study.toml: references[0]: must be one of centralised, local; got 'global'"),
     (('task = "alpha"\nmethod', 'task = "gamma"\nmethod'), "study.toml: ablation[0].task: unknown task 'gamma'"),
     (('x_label = "k"', 'x_label = "k"\ncolour = 1'), "study.toml: unknown config key 'ablation[0].colour'"),
     (('budgets.ranks=[2]', 'budgets.nope=[2]'), "unknown config key 'budgets.nope'"),
@@ -202,11 +212,9 @@ def test_a_study_without_a_sweep_keeps_each_tasks_rate(tiny_study, tmp_path, cap
     assert "No sweep in this study" in md and "## Ablations" not in md
     # one seed: no spreads (a std of one draw is meaningless), single-draw words, the test set's resolution
     section = md.split("## Task `alpha`")[1].split("\n## ")[0]
-    assert "| accuracy (seed 3) |" in section
-    assert not [line for line in section.splitlines() if line.startswith("|") and "±" in line]
+    assert not [line for line in section.splitlines() if line.startswith(("| fslora", "| ffa")) and "±" in line]
     verdict_line = next(line for line in md.splitlines() if line.startswith("- `alpha` vs `ffa`"))
-    assert "±" not in verdict_line and re.search(r"\*\*(ahead|behind|tie)\*\* \([+-]\d\.\d{3}; seed 3\)",
-                                                   verdict_line)
+    assert "[" not in verdict_line and re.search(r"\*\*one seed: (ahead|behind)\*\* \([+-]\d\.\d{3};", verdict_line)
     assert re.search(r"Resolution: 60 held-out examples, so one example is worth 0\.0167", md)
     task_lr = load_study(tiny_study).task_config("alpha").train.lr
     for m in ("fslora", "ffa"):
@@ -215,30 +223,11 @@ def test_a_study_without_a_sweep_keeps_each_tasks_rate(tiny_study, tmp_path, cap
         assert f"| {m} | {task_lr:g} |" in md
 
 
-@pytest.mark.parametrize("ours, theirs, word, won, lost", [
-    ([0.70, 0.72, 0.74], [0.60, 0.62, 0.64], "win", 3, 0),
-    ([0.70, 0.62, 0.74], [0.60, 0.62, 0.64], "win", 2, 0),  # an equal seed does not break a win
-    ([0.60, 0.62, 0.64], [0.70, 0.72, 0.74], "loss", 0, 3),
-    ([0.70, 0.50, 0.74], [0.60, 0.62, 0.64], "inconclusive", 2, 1),
-    ([0.61, 0.62, 0.64], [0.60, 0.62, 0.64], "tie", 1, 0),  # ahead, but by less than TIE on average
-    ([0.60, 0.62, 0.64], [0.60, 0.62, 0.64], "tie", 0, 0),
-    ([0.70], [0.60], "ahead", 1, 0),  # one seed is a draw, not a win
-    ([0.60], [0.70], "behind", 0, 1),
-])
-def test_verdict_is_paired_over_seeds(ours, theirs, word, won, lost):
-    v = verdict(MethodResult("fslora", 1e-3, ours, 0.0), MethodResult("other", 1e-3, theirs, 0.0))
-    diffs = [a - b for a, b in zip(ours, theirs)]
-    assert (v.word, v.won, v.lost) == (word, won, lost)
-    assert v.mean == pytest.approx(sum(diffs) / len(diffs))
-    n = len(diffs)
-    assert v.std == pytest.approx((sum((d - v.mean) ** 2 for d in diffs) / (n - 1)) ** 0.5 if n > 1 else 0.0)
-
-
 def test_report_only_names_the_missing_runs(tiny_study, tmp_path, capsys):
     out = tmp_path / "runs"
     assert main(["study", str(tiny_study), "--out", str(out), "--report-only", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "22 of the study's runs are not finished" in err and "fslora-seed7" in err and err.count("\n") == 1
+    assert "44 of the study's runs are not finished" in err and "fslora-seed7" in err and err.count("\n") == 1
 
 
 def test_compare_resumes_an_interrupted_run_from_its_checkpoint(tiny_study, tmp_path, monkeypatch):

@@ -118,7 +118,12 @@ def train_client(exp: Experiment, rnd: int, cid: int, task: ClientTask) -> Clien
 def evaluate_global(exp: Experiment) -> dict[str, float]:
     """Accuracy and loss of the global model on the held-out set (for a causal LM: accuracy
     of picking the right label by log-likelihood, and the answer-token loss)."""
-    exp.lm.load(exp.server.global_task())
+    return evaluate_task(exp, exp.server.global_task())
+
+
+def evaluate_task(exp: Experiment, task: ClientTask) -> dict[str, float]:
+    """The same, of the model ``task`` describes (e.g. one client's own model)."""
+    exp.lm.load(task)
     batch_size = exp.cfg.federation.eval_batch_size
     with autocast(exp.lm.device, exp.cfg.train.precision):
         if exp.data.questions is None:

@@ -26,12 +26,14 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def plot_curves(runs: Mapping[str, list[Path]], seeds: list[int], out: Path) -> None:
+def plot_curves(runs: Mapping[str, list[Path]], seeds: list[int], out: Path,
+                lines: Mapping[str, float] | None = None) -> None:
     """``out``/accuracy_vs_round.png and accuracy_vs_upload.png: each method's accuracy
     (mean over its runs, one per seed, with the seeds' spread) against round and upload.
 
     Args:
         runs: method -> its run directories, one per seed in ``seeds`` order.
+        lines: reference lines drawn level across both plots: name -> final accuracy.
     """
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
@@ -57,6 +59,9 @@ def plot_curves(runs: Mapping[str, list[Path]], seeds: list[int], out: Path) -> 
             if len(seeds) > 1:  # the seeds' spread: gaps inside it are not differences
                 ax.fill_between(xs, [a - s for a, s in zip(acc, spread)], [a + s for a, s in zip(acc, spread)],
                                 color=line.get_color(), alpha=0.12, linewidth=0)
+    for ax in (ax_r, ax_b):
+        for (name, acc), style in zip((lines or {}).items(), ("--", ":", "-.")):
+            ax.axhline(acc, color="black", linestyle=style, linewidth=1, label=f"{name} (reference)")
     ax_r.xaxis.set_major_locator(MaxNLocator(integer=True))
     title = f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
     for ax, xlabel in ((ax_r, "round"), (ax_b, "cumulative upload (MB, all clients)")):

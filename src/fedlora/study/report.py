@@ -1,67 +1,21 @@
-"""The study's Markdown report, from its run directories alone: setup, learning rates, one
-table per task with paired verdicts of the reference method against every other, ablations."""
+"""The study's Markdown report, from its run directories alone: setup, each task's learning-rate
+sweep, one section per task (:mod:`fedlora.study.task_report`), the verdicts, the ablations."""
 
 from __future__ import annotations
 
 import json
-import math
-import shutil
-import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..compare import SUMMARY, mean_std, run_dir
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..strategies import METHODS
-from .plots import plot_ablation, plot_curves
-from .runner import (
-    MethodResult,
-    ablation_accuracies,
-    chosen_lrs,
-    expected_runs,
-    final_accuracy,
-    missing_runs,
-    read_timing,
-    sweep_dir,
-    task_dir,
-    task_results,
-)
+from .plots import plot_ablation
+from .references import LINES
+from .runner import ablation_accuracies, chosen_lrs, expected_runs, final_accuracy, missing_runs, read_timing, sweep_dir
 from .spec import Study
-
-TIE = 0.005  # mean paired differences smaller than this are called ties
-
-
-@dataclass(frozen=True)
-class Verdict:
-    word: str  # win, loss, tie or inconclusive
-    mean: float  # mean over seeds of (ours - theirs)
-    std: float  # spread of those paired differences
-    won: int  # seeds where ours is ahead
-    lost: int  # seeds where ours is behind
-
-
-def verdict(ours: MethodResult, other: MethodResult) -> Verdict:
-    """Paired over seeds (same split and budgets).
-
-    tie: mean gap under TIE; win: ahead on average and behind on no seed; loss: the
-    reverse; inconclusive: the seeds disagree (ahead on some, behind on others). One
-    seed decides nothing: its words are "ahead" and "behind".
-    """
-    diffs = [a - b for a, b in zip(ours.accs, other.accs)]
-    mean, std = mean_std(diffs)
-    won, lost = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-    if abs(mean) < TIE:
-        word = "tie"
-    elif len(diffs) == 1:
-        word = "ahead" if mean > 0 else "behind"
-    elif mean > 0 and lost == 0:
-        word = "win"
-    elif mean < 0 and won == 0:
-        word = "loss"
-    else:
-        word = "inconclusive"
-    return Verdict(word, mean, std, won, lost)
+from .stats import ALPHA
+from .task_report import TIE, _rel, _table, task_section
 
 
 def write_report(study: Study, out: Path, report: Path) -> Path:
@@ -93,32 +47,34 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
         *method_lines(study),
         "",
     ]
-    lines += _sweep_section(study, out, chosen_lrs(study, out))
+    for task in study.tasks:
+        lines += _sweep_section(study, out, task)
     verdicts: list[str] = []
     for task in study.tasks:
-        section, task_verdicts = _task_section(study, out, task, img)
+        section, task_verdicts = task_section(study, out, task, img)
         lines += section
         verdicts += task_verdicts
     ours = f"`{study.reference}`"
     if verdicts:
-        rule = (f"Paired over the {len(study.seeds)} seeds (same split and budgets; ± is the spread of the "
-                f"paired differences). **tie**: the mean gap is under {TIE}; **win**: {ours} ahead on "
-                "average and behind on no seed; **loss**: the reverse; **inconclusive**: the seeds disagree."
-                if len(study.seeds) > 1 else
-                f"One seed only: **ahead** / **behind** are single draws, not wins or losses (**tie**: a gap "
-                f"under {TIE}). Add seeds to the study file for a verdict.")
-        lines += ["", f"## Where {ours} wins, ties or loses", "", rule + "".join(
-            f" `{m}` is left out (it breaks the budgets)." for m in study.methods if not METHODS[m].respects_budgets),
-            "", *(f"- {v}" for v in verdicts)]
+        lines += ["", f"## Where {ours} wins, ties or loses", "",
+                  f"Paired over the {len(study.seeds)} seeds (same split, budgets and held-out set). **win** / "
+                  f"**loss**: a paired t test rejects \"no difference\" at α = {ALPHA} after Holm's correction over "
+                  f"the task's comparisons; **tie**: the whole 95% interval of the difference lies within ±{TIE}; "
+                  "**inconclusive**: neither (the design cannot tell)." + "".join(
+                      f" `{m}` is left out (it breaks the budgets)." for m in study.methods
+                      if not METHODS[m].respects_budgets),
+                  "", *(f"- {v}" for v in verdicts)]
     if study.ablation:
         lines += ["", "## Ablations", ""]
     for a in study.ablation:
         accs = ablation_accuracies(study, out, a)
         name = f"ablation_{a.name}.png"
         plot_ablation([v.label for v in a.variants], accs, a.x_label, a.title, img / name)
-        rows = [(a.x_label, *_accuracy_headers(study.seeds), "settings")]
+        rows = [(a.x_label, "accuracy mean ± std", *(f"seed {s}" for s in study.seeds), "settings")]
         for v, acc in zip(a.variants, accs):
-            rows.append((v.label, *_accuracy_cells(acc), "`" + " ".join(v.overrides) + "`"))
+            mean, std = mean_std(acc)
+            rows.append((v.label, f"{mean:.3f} ± {std:.3f}", *(f"{x:.3f}" for x in acc),
+                         "`" + " ".join(v.overrides) + "`"))
         lines += [f"### {a.title} (`{a.method}`, task `{a.task}`)", "", *_table(rows), "",
                   *([a.note, ""] if a.note else []), f"![{a.name}]({_rel(img)}/{name})", ""]
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -139,11 +95,15 @@ def _cost(study: Study, out: Path) -> str:
 
 
 def method_lines(study: Study) -> list[str]:
-    """One line per method from the registry (its summary), then a sentence on each that ignores the budgets."""
+    """One line per method from the registry (its summary), then a sentence on each that ignores the
+    budgets, and what the reference lines are."""
     lines = [f"- `{m}`: {METHODS[m].summary}" for m in study.methods]
     refs = [m for m in study.methods if not METHODS[m].respects_budgets]
-    return lines + [f"\n`{m}` ignores the clients' rank budgets: a reference that breaks them, not a competitor "
-                    "(nor always the best)." for m in refs]
+    lines += [f"\n`{m}` ignores the clients' rank budgets: a reference that breaks them, not a competitor "
+              "(nor always the best)." for m in refs]
+    if study.references:
+        lines += ["", "Reference lines, not competitors:", "", *(f"- `{r}`: {LINES[r]}." for r in study.references)]
+    return lines
 
 
 def _setup_rows(study: Study) -> list[tuple[str, ...]]:
@@ -171,110 +131,30 @@ def _per_round(c: RunConfig) -> str:
     return str(c.federation.clients_per_round) if c.federation.clients_per_round else f"{c.federation.fraction:.0%}"
 
 
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
-    head, *body = rows
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in body]
-
-
-def _task_section(study: Study, out: Path, task: str, img: Path) -> tuple[list[str], list[str]]:
-    """One task's table and plots, and the verdict lines for the summary."""
-    verdicts: list[str] = []
-    results = task_results(study, out, task)
-    ours = next(r for r in results if r.method == study.reference)
-    dirs = task_dir(out, task)
-    plot_curves({m: [run_dir(dirs, m, s) for s in study.seeds] for m in study.methods}, study.seeds, dirs)
-    for png in ("accuracy_vs_round.png", "accuracy_vs_upload.png"):  # redrawn from the runs, like the tables
-        shutil.copyfile(dirs / png, img / f"{task}_{png}")
-    paired = len(study.seeds) > 1
-    name = f"`{study.reference}`"
-    rows = [("method", "lr", *_accuracy_headers(study.seeds), "upload MB / client / round",
-             f"{name} − method, paired: mean ± std (verdict)" if paired else f"{name} − method")]
-    for r in sorted(results, key=lambda r: -r.mean):
-        cmp = ""
-        if r is not ours:
-            v = verdict(ours, r)
-            gap = f"{v.mean:+.3f} ± {v.std:.3f}" if paired else f"{v.mean:+.3f}"
-            cmp = f"{gap} ({v.word})"
-            if METHODS[r.method].respects_budgets:
-                verdicts.append(f"`{task}` vs `{r.method}`: **{v.word}** ({gap}; " + (
-                    f"{name} ahead on {v.won}, behind on {v.lost} of {len(r.accs)} seeds)" if paired
-                    else f"seed {study.seeds[0]})"))
-        rows.append((r.method, f"{r.lr:g}", *_accuracy_cells(r.accs), f"{r.upload_mb:.3g}", cmp))
-    sums = [json.loads((run_dir(dirs, m, s) / SUMMARY).read_text()) for m in study.methods for s in study.seeds]
-    n_test = json.loads((run_dir(dirs, study.methods[0], study.seeds[0]) / "clients.json").read_text())["test_examples"]
-    p = statistics.fmean(x["final_accuracy"] for x in sums)
-    lines = ["", f"## Task `{task}`", "",
-             f"Majority-class accuracy {statistics.fmean(x['majority_accuracy'] for x in sums):.3f}; "
-             f"before any training {statistics.fmean(x['initial_accuracy'] for x in sums):.3f} "
-             f"(means over seeds and methods). {_same_clients(study, out, task)} "
-             f"Resolution: {n_test} held-out examples, so one example is worth {1 / n_test:.4f}, and an "
-             f"accuracy near {p:.2f} has a sampling error of ±{math.sqrt(p * (1 - p) / n_test):.3f} "
-             "(one standard error) on top of the spread between seeds.", "", *_table(rows), "",
-             f"![accuracy vs round]({_rel(img)}/{task}_accuracy_vs_round.png) "
-             f"![accuracy vs upload]({_rel(img)}/{task}_accuracy_vs_upload.png)"]
-    return lines, verdicts
-
-
-def _accuracy_headers(seeds: list[int]) -> list[str]:
-    return ["accuracy mean ± std", *(f"seed {s}" for s in seeds)] if len(seeds) > 1 else [f"accuracy (seed {seeds[0]})"]
-
-
-def _accuracy_cells(accs: list[float]) -> list[str]:
-    """Mean ± std and every seed's value; one seed's value alone (a spread of one draw means nothing)."""
-    if len(accs) == 1:
-        return [f"{accs[0]:.3f}"]
-    mean, std = mean_std(accs)
-    return [f"{mean:.3f} ± {std:.3f}", *(f"{a:.3f}" for a in accs)]
-
-
-def _same_clients(study: Study, out: Path, task: str) -> str:
-    """Check, from each run's clients.json, that all methods of a seed had the same split and
-    budgets; say so in the report (a mismatch is an error, never a table)."""
-    for seed in study.seeds:
-        seen = {m: json.loads((run_dir(task_dir(out, task), m, seed) / "clients.json").read_text())
-                for m in study.methods}
-        first = study.methods[0]
-        odd = [m for m in study.methods if seen[m] != seen[first]]
-        if odd:
-            raise ConfigError(f"task {task}, seed {seed}: {odd[0]} ran on another split or budgets than {first} "
-                              f"(compare their clients.json in {task_dir(out, task)})")
-    return (f"Checked from the runs: within each seed, every method had the same client split and budgets "
-            f"({len(study.methods)} identical `clients.json` per seed).")
-
-
-def _sweep_section(study: Study, out: Path, lrs: dict[str, float]) -> list[str]:
+def _sweep_section(study: Study, out: Path, task: str) -> list[str]:
     s = study.sweep
     if s is None:
-        rates = sorted({study.task_config(t).train.lr for t in study.tasks})
-        return ["## Learning rates", "", "No sweep in this study: every method uses each task's configured "
-                f"rate ({', '.join(f'{r:g}' for r in rates)})."]
-    lines = [
-        "## Learning rates: one sweep, the same for every method",
-        "",
-        f"Every method ran with each rate on task `{s.task}` with seed {s.seed}, which is "
-        "not reported below: it draws its own client split and held-out sample (from the same pool, so "
-        "some held-out examples can also be in the reported seeds' held-out sets). Each method keeps the "
-        "rate with its best final accuracy (ties: the smaller rate) and uses it on every task and ablation.",
-        "",
-    ]
+        return ["", f"## Learning rates (`{task}`)", "", "No sweep in this study: every method uses the task's "
+                f"configured rate ({study.task_config(task).train.lr:g})."]
+    lrs = chosen_lrs(study, out, task)
+    lines = ["", f"## Learning rates on `{task}`: its own sweep, the same grid for every method", "",
+             f"Every method and reference line ran with each rate on `{task}` with seed {s.seed}, which is not "
+             "reported below: it draws its own client split and held-out sample (from the same pool, so some "
+             "held-out examples can also be in the reported seeds' held-out sets). Each keeps the rate with its "
+             "best final accuracy (ties: the smaller rate) for this task and its ablations.", ""]
     grid = [("method", *(f"lr={lr:g}" for lr in s.lrs), "chosen")]
     edges = (min(s.lrs), max(s.lrs)) if len(s.lrs) > 1 else ()
-    for m in study.methods:
+    for m in study.methods + study.references:
         cells = []
         for lr in s.lrs:
-            acc = final_accuracy(run_dir(sweep_dir(out, lr), m, s.seed))
+            acc = final_accuracy(run_dir(sweep_dir(out, task, lr), m, s.seed))
             cells.append(f"**{acc:.3f}**" if lr == lrs[m] else f"{acc:.3f}")
         grid.append((m, *cells, f"{lrs[m]:g}" + (" (edge)" if lrs[m] in edges else "")))
-    at_edge = [m for m in study.methods if lrs[m] in edges]
+    at_edge = [m for m in study.methods + study.references if lrs[m] in edges]
     note = (["", f"**(edge)**: {', '.join(f'`{m}`' for m in at_edge)} chose the smallest or largest rate of the "
              "grid, so a rate outside it may do better: widen `sweep.lrs` before reading much into "
              f"{'its' if len(at_edge) == 1 else 'their'} results."] if at_edge else [])
     return lines + _table(grid) + note
-
-
-def _rel(img: Path) -> str:
-    """The image folder as the report links it (relative to the report's folder)."""
-    return img.relative_to(img.parent.parent).as_posix()
 
 
 def _display(path: Path) -> str:

@@ -1,9 +1,10 @@
 """A study's runs: where each one lives, what the finished ones hold, and running what is missing.
 
-A study is ordinary ``fedlora run`` directories under one output directory:
+A study is ordinary ``fedlora run`` directories under one output directory (a reference
+line lives where a method would, under its own name):
 
-    sweep/lr<rate>/<method>-seed<sweep seed>/
-    tasks/<task>/<method>-seed<seed>/
+    sweep/<task>/lr<rate>/<method or reference>-seed<sweep seed>/
+    tasks/<task>/<method or reference>-seed<seed>/
     ablations/<ablation>/<variant label>/<method>-seed<seed>/
 
 plus ``study_time.json`` (the wall time of every invocation that ran something). Finished
@@ -12,6 +13,7 @@ runs are skipped, so the command resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -20,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..compare import SUMMARY, compare, run_dir
-from ..config import read_toml
+from ..config import RunConfig, read_toml
 from ..runner import read_metrics
+from .references import run_reference
 from .spec import Ablation, Study, Variant
 
 TIMING = "study_time.json"
@@ -29,8 +32,8 @@ TIMING = "study_time.json"
 
 # -- where each run lives --------------------------------------------------------------
 
-def sweep_dir(out: Path, lr: float) -> Path:
-    return out / "sweep" / f"lr{lr:g}"
+def sweep_dir(out: Path, task: str, lr: float) -> Path:
+    return out / "sweep" / task / f"lr{lr:g}"
 
 
 def task_dir(out: Path, task: str) -> Path:
@@ -43,10 +46,11 @@ def variant_dir(out: Path, ablation: Ablation, variant: Variant) -> Path:
 
 def expected_runs(study: Study, out: Path) -> list[Path]:
     """Every run directory the study is made of, in the order they run."""
-    dirs = []
+    dirs, entries = [], study.methods + study.references
     if study.sweep is not None:
-        dirs += [run_dir(sweep_dir(out, lr), m, study.sweep.seed) for lr in study.sweep.lrs for m in study.methods]
-    dirs += [run_dir(task_dir(out, t), m, s) for t in study.tasks for s in study.seeds for m in study.methods]
+        dirs += [run_dir(sweep_dir(out, t, lr), m, study.sweep.seed) for t in study.tasks for lr in study.sweep.lrs
+                 for m in entries]
+    dirs += [run_dir(task_dir(out, t), m, s) for t in study.tasks for s in study.seeds for m in entries]
     dirs += [run_dir(variant_dir(out, a, v), a.method, s) for a in study.ablation for v in a.variants
              for s in study.seeds]
     return dirs
@@ -62,13 +66,14 @@ def final_accuracy(d: Path) -> float:
     return json.loads((d / SUMMARY).read_text())["final_accuracy"]
 
 
-def chosen_lrs(study: Study, out: Path) -> dict[str, float]:
-    """Each method's rate: best sweep accuracy, ties to the smaller rate ({} without a sweep)."""
+def chosen_lrs(study: Study, out: Path, task: str) -> dict[str, float]:
+    """Each method's (and reference's) rate on ``task``: best sweep accuracy, ties to the smaller
+    rate ({} without a sweep)."""
     s = study.sweep
     if s is None:
         return {}
-    return {m: max(sorted(s.lrs), key=lambda lr: (final_accuracy(run_dir(sweep_dir(out, lr), m, s.seed)), -lr))
-            for m in study.methods}
+    return {m: max(sorted(s.lrs), key=lambda lr: (final_accuracy(run_dir(sweep_dir(out, task, lr), m, s.seed)), -lr))
+            for m in study.methods + study.references}
 
 
 @dataclass
@@ -83,10 +88,11 @@ class MethodResult:
         return statistics.fmean(self.accs)
 
 
-def task_results(study: Study, out: Path, task: str) -> list[MethodResult]:
-    """Per method: each seed's final accuracy, the rate its runs used, its mean upload per client and round."""
+def task_results(study: Study, out: Path, task: str, names: list[str] | None = None) -> list[MethodResult]:
+    """Per method (or reference): each seed's final accuracy, the rate its runs used, its mean
+    upload per client and round."""
     rows = []
-    for m in study.methods:
+    for m in names or study.methods:
         dirs = [run_dir(task_dir(out, task), m, s) for s in study.seeds]
         uploads = []
         for d in dirs:
@@ -109,12 +115,25 @@ def read_timing(out: Path) -> dict | None:
 
 # -- running what is missing -----------------------------------------------------------
 
-def run_study(study: Study, out: Path, progress: bool = True) -> dict[str, float]:
-    """Run whatever is missing; return each method's chosen learning rate."""
+def run_entries(study: Study, cfg: RunConfig, seeds: list[int], out: Path, lrs: dict[str, float],
+                progress: bool) -> None:
+    """Every method (through ``fedlora compare``) and every reference line of one task's config."""
+    compare(cfg, study.methods, seeds, out, progress, lrs=lrs)
+    for ref in study.references:
+        for seed in seeds:
+            train = dataclasses.replace(cfg.train, lr=lrs.get(ref, cfg.train.lr))
+            one = dataclasses.replace(cfg, seed=seed, train=train, output_dir=str(run_dir(out, ref, seed)))
+            if progress:
+                print(f"study: reference {ref}, seed {seed} -> {one.output_dir}", file=sys.stderr, flush=True)
+            run_reference(ref, one, progress)
+
+
+def run_study(study: Study, out: Path, progress: bool = True) -> None:
+    """Run whatever is missing."""
     start = time.perf_counter()
     todo = len(missing_runs(study, out))
     lrs_grid = study.sweep.lrs if study.sweep is not None else []
-    steps = len(lrs_grid) + len(study.tasks) + sum(len(a.variants) for a in study.ablation)
+    steps = len(study.tasks) * (len(lrs_grid) + 1) + sum(len(a.variants) for a in study.ablation)
     step = 0
 
     def announce(what: str) -> None:
@@ -126,19 +145,20 @@ def run_study(study: Study, out: Path, progress: bool = True) -> dict[str, float
     if progress:
         print(f"study: {todo} of {len(expected_runs(study, out))} runs to do -> {out}", file=sys.stderr, flush=True)
     try:
-        for lr in lrs_grid:
-            announce(f"sweep lr={lr:g} on {study.sweep.task}, seed {study.sweep.seed}")
-            compare(study.task_config(study.sweep.task, [f"train.lr={lr}"]), study.methods,
-                    [study.sweep.seed], sweep_dir(out, lr), progress=progress)
-        lrs = chosen_lrs(study, out)
         for task in study.tasks:
-            announce(f"task {task}: {len(study.methods)} methods x {len(study.seeds)} seeds")
-            compare(study.task_config(task), study.methods, study.seeds, task_dir(out, task), progress, lrs=lrs)
+            for lr in lrs_grid:
+                announce(f"sweep lr={lr:g} on {task}, seed {study.sweep.seed}")
+                run_entries(study, study.task_config(task, [f"train.lr={lr}"]), [study.sweep.seed],
+                            sweep_dir(out, task, lr), {}, progress)
+            announce(f"task {task}: {len(study.methods) + len(study.references)} lines x {len(study.seeds)} seeds")
+            run_entries(study, study.task_config(task), study.seeds, task_dir(out, task),
+                        chosen_lrs(study, out, task), progress)
         for a in study.ablation:
             for v in a.variants:
                 announce(f"ablation {a.name}: {v.label}")
                 cfg = study.task_config(a.task, v.overrides)
-                compare(cfg, [a.method], study.seeds, variant_dir(out, a, v), progress, lrs=lrs)
+                compare(cfg, [a.method], study.seeds, variant_dir(out, a, v), progress,
+                        lrs=chosen_lrs(study, out, a.task))
     finally:  # the wall time of every invocation that did work adds up (also when one is interrupted)
         ran = todo - len(missing_runs(study, out))
         if ran:
@@ -146,4 +166,3 @@ def run_study(study: Study, out: Path, progress: bool = True) -> dict[str, float
             timing = {"elapsed_s": timing.get("elapsed_s", 0.0) + time.perf_counter() - start,
                       "runs": timing.get("runs", 0) + ran, "invocations": timing.get("invocations", 0) + 1}
             (out / TIMING).write_text(json.dumps(timing) + "\n")
-    return lrs

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..config import RunConfig, from_dict, load_config, read_toml
 from ..errors import ConfigError, check
 from ..strategies import get_method
+from .references import Reference
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,9 @@ class Task:
 
 @dataclass(frozen=True)
 class Sweep:
-    """Every method runs every rate on ``task`` with ``seed``, a seed that is not reported."""
+    """On every task, every method (and reference) runs every rate with ``seed``, a seed that
+    is not reported; each keeps, per task, the rate with its best final accuracy."""
 
-    task: str
     seed: int
     lrs: list[float]
 
@@ -63,6 +64,7 @@ class Study:
     sweep: Sweep | None = None  # None: no sweep, every method keeps each task's configured rate
     ablation: list[Ablation] = field(default_factory=list)
     reference: str = "fslora"  # the method the report compares every other one with ("ours" in the verdicts)
+    references: list[Reference] = field(default_factory=list)  # reference lines: centralised, local
     path: str = ""  # the study file itself (set by load_study, not a key)
 
     @property
@@ -83,6 +85,8 @@ def load_study(path: str | Path) -> Study:
     data = read_toml(p, "study")
     try:
         check("path", "path" not in data, "not a study key (the study's path is where it is read from)")
+        check("sweep.task", "task" not in data.get("sweep", {}),
+              "every task now runs its own sweep: remove the key")
         study = from_dict(Study, data)
         _check(study)
     except ConfigError as e:
@@ -121,7 +125,7 @@ def _check(study: Study) -> None:
         check("sweep.lrs", bool(s.lrs) and all(lr > 0 for lr in s.lrs), f"needs positive learning rates, got {s.lrs}")
         check("sweep.seed", s.seed not in study.seeds,
               f"{s.seed} is also a reported seed; the sweep needs a seed that is not reported")
-        referenced.append(("sweep.task", s.task))
+    _no_repeats(study.references, "references")
     _unique_names([a.name for a in study.ablation], "ablation")
     for i, a in enumerate(study.ablation):
         where = f"ablation[{i}]"
