@@ -14,7 +14,7 @@ import torch
 from fedlora.cli import main
 from fedlora.config import ConfigError, load_config
 from fedlora.methods import METHODS, BuildContext, Method, register
-from fedlora.state import clone, init_factors, lora_scale, round_weights, weighted_sum
+from fedlora.state import clone, from_plain, init_factors, lora_scale, round_weights, to_plain, weighted_sum
 from fedlora.types import ClientTask
 
 from .conftest import tiny_overrides
@@ -50,10 +50,10 @@ class Toy:
         return ClientTask(factors=clone(self.factors), scale=self.scale)
 
     def state_dict(self):
-        return {"factors": clone(self.factors)}
+        return {"factors": to_plain(self.factors)}  # plain: dicts, lists, tensors, scalars
 
     def load_state_dict(self, sd):
-        self.factors = clone(sd["factors"])
+        self.factors = from_plain(sd["factors"])
 
 
 def build_toy(c: BuildContext) -> Toy:

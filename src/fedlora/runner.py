@@ -15,31 +15,18 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from .atomic import write_atomic
+from .checkpoint import latest_checkpoint, save_checkpoint
 from .config import RunConfig, to_toml
 from .data import split_fingerprint
 from .device import gpu_peak_gib, reset_gpu_peak
-from .errors import ConfigError
 from .experiment import Experiment, build_experiment, evaluate_global
 from .export import save_peft_adapter
 from .models import resolve_model_path
+from .outdir import SUMMARY, check_resume, output_lock, prepare_output_dir
 
 RoundFn = Callable[[Experiment, int], dict]
-SUMMARY = "summary.json"  # written last: its presence marks a finished run
-
-
-def prepare_output_dir(out: Path, overwrite: bool, resume: bool) -> int:
-    """Make ``out`` ready; return 0 to start afresh, -1 to continue from its checkpoint."""
-    has_run = (out / "metrics.jsonl").exists()
-    if has_run and resume:
-        return -1
-    if has_run and not overwrite:
-        raise ConfigError(f"output directory {out} already holds a run; pass --resume to "
-                          "continue it, --overwrite to replace it, or set output_dir=...")
-    out.mkdir(parents=True, exist_ok=True)
-    for old in [out / "metrics.jsonl", out / SUMMARY, *list_checkpoints(out / "checkpoints")]:
-        old.unlink(missing_ok=True)
-    return 0
+FINISHED, NO_ROUND_AGGREGATED = "finished", "no_round_aggregated"  # summary.json's "status"
 
 
 def restore(exp: Experiment, out: Path) -> int:
@@ -51,7 +38,7 @@ def restore(exp: Experiment, out: Path) -> int:
     rnd, payload = found
     exp.server.load_state_dict(payload["server"])
     kept = [r for r in read_metrics(out) if r["round"] <= rnd]
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    write_atomic(out / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
     return rnd
 
 
@@ -72,11 +59,23 @@ def run(cfg: RunConfig, round_fn: RoundFn, overwrite: bool = False, progress: bo
     """Run every round, writing ``config.toml``, ``clients.json``, ``metrics.jsonl``,
     ``checkpoints/``, ``adapter/`` and ``summary.json`` into the output directory.
 
-    With ``resume``, continue from the newest good checkpoint in the output directory.
+    With ``resume``, continue from the newest good checkpoint in the output directory (its
+    settings must be this config's, ``federation.rounds`` may grow). The directory is locked
+    while the run lasts: a second run on it is refused. ``summary.json``'s ``status`` is
+    ``"finished"``, or ``"no_round_aggregated"`` when every round was skipped.
     """
     out = cfg.resolved_output_dir()
+    with output_lock(out):
+        return _run(cfg, round_fn, out, overwrite, progress, exp, resume)
+
+
+def _run(cfg: RunConfig, round_fn: RoundFn, out: Path, overwrite: bool, progress: bool, exp: Experiment | None,
+         resume: bool) -> dict[str, float]:
     fresh = prepare_output_dir(out, overwrite, resume) == 0
-    (out / "config.toml").write_text(to_toml(cfg))
+    if not fresh:
+        check_resume(cfg, out)
+        (out / SUMMARY).unlink(missing_ok=True)  # a finished run given more rounds is unfinished again
+    write_atomic(out / "config.toml", to_toml(cfg))
     start = time.perf_counter()
     exp = exp or build_experiment(cfg)
     write_clients(exp, out)
@@ -111,14 +110,16 @@ def run(cfg: RunConfig, round_fn: RoundFn, overwrite: bool = False, progress: bo
     summary = {"initial_accuracy": initial["accuracy"], "final_accuracy": last_eval["accuracy"],
                "final_loss": last_eval["loss"], "majority_accuracy": float(np.bincount(labels).max() / len(labels)),
                "wall_time_s": time.perf_counter() - start, "output_dir": str(out)}
-    (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    aggregated = sum(r["round"] > 0 and not r.get("skipped") for r in read_metrics(out))
+    summary.update(status=FINISHED if aggregated else NO_ROUND_AGGREGATED, rounds_aggregated=aggregated)
+    write_atomic(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
     return summary
 
 
 def write_clients(exp: Experiment, out: Path) -> None:
     """``clients.json``: every client's budget and example count, and a hash of the split."""
     d = exp.data
-    (out / "clients.json").write_text(json.dumps(
+    write_atomic(out / "clients.json", json.dumps(
         {"budgets": exp.budgets, "num_examples": [len(c) for c in d.clients], "test_examples": len(d.test),
          "labels": d.label_names, "split_sha256": split_fingerprint(d.clients, d.test)}, indent=1))
 

@@ -67,8 +67,8 @@ class ServerOptimizer:
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "lr": self.lr, "step_count": self.step_count,
-                "moments": {k: (m.clone(), v.clone()) for k, (m, v) in self.moments.items()}}
+                "moments": {k: {"m": m.clone(), "v": v.clone()} for k, (m, v) in self.moments.items()}}
 
     def load_state_dict(self, sd: dict) -> None:
         self.step_count = sd["step_count"]
-        self.moments = {k: (m.clone(), v.clone()) for k, (m, v) in sd["moments"].items()}
+        self.moments = {k: (mv["m"].clone(), mv["v"].clone()) for k, mv in sd["moments"].items()}

@@ -7,6 +7,7 @@ can print one line and exit 2 instead of a traceback.
 from ..errors import ConfigError
 from .loader import (
     apply_overrides,
+    config_changes,
     default_config_path,
     from_dict,
     load_config,
@@ -30,7 +31,8 @@ from .schema import (
 )
 
 __all__ = [
-    "ConfigError", "apply_overrides", "default_config_path", "from_dict", "load_config", "options", "parse_override",
-    "read_toml", "to_toml", "toml_dict", "BudgetConfig", "DataConfig", "Distribution", "FederationConfig",
-    "ModelConfig", "PrivacyConfig", "ReliabilityConfig", "RunConfig", "StrategyConfig", "TrainConfig",
+    "ConfigError", "apply_overrides", "config_changes", "default_config_path", "from_dict", "load_config", "options",
+    "parse_override", "read_toml", "to_toml", "toml_dict", "BudgetConfig", "DataConfig", "Distribution",
+    "FederationConfig", "ModelConfig", "PrivacyConfig", "ReliabilityConfig", "RunConfig", "StrategyConfig",
+    "TrainConfig",
 ]

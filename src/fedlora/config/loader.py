@@ -192,3 +192,15 @@ def to_toml(cfg: RunConfig) -> str:
 def toml_dict(cfg: RunConfig) -> dict[str, Any]:
     """``cfg`` as it reads back from its config.toml (lists, not tuples), to compare with one."""
     return tomllib.loads(to_toml(cfg))
+
+
+def config_changes(want: dict[str, Any], have: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value in have, value in want)`` of every key whose value differs, sorted."""
+    out: list[tuple[str, Any, Any]] = []
+    for key in sorted(set(want) | set(have)):
+        name, a, b = f"{prefix}{key}", want.get(key), have.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{name}.")
+        elif a != b:
+            out.append((name, b, a))
+    return out

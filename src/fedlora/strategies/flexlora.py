@@ -72,10 +72,10 @@ class FlexLoRA:
                                    for n, d in self.svd.items()}, scale=1.0)
 
     def state_dict(self) -> dict:
-        return {"svd": {n: (d.U.clone(), d.S.clone(), d.Vh.clone()) for n, d in self.svd.items()}}
+        return {"svd": {n: {"U": d.U.clone(), "S": d.S.clone(), "Vh": d.Vh.clone()} for n, d in self.svd.items()}}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.svd = {n: SVD(U.clone(), S.clone(), Vh.clone()) for n, (U, S, Vh) in sd["svd"].items()}
+        self.svd = {n: SVD(d["U"].clone(), d["S"].clone(), d["Vh"].clone()) for n, d in sd["svd"].items()}
 
 
 @dataclass

@@ -20,7 +20,7 @@ from ..errors import check
 from ..methods import BuildContext, Method, first_line
 from ..server_opt import ServerOptimizer, ServerOptimizerKind
 from ..sketch import sketch_indices
-from ..state import clone, init_factors, lora_scale, round_weights, scatter_add_, subtract, take
+from ..state import clone, from_plain, init_factors, lora_scale, round_weights, scatter_add_, subtract, take, to_plain
 from ..types import ClientSpec, ClientTask, ClientUpdate, Factors, LoRAState
 
 
@@ -88,10 +88,10 @@ class FSLoRA:
         return ClientTask(factors=clone(self.factors), scale=self.scale)
 
     def state_dict(self) -> dict:
-        return {"factors": clone(self.factors), "optimizer": self.optimizer.state_dict()}
+        return {"factors": to_plain(self.factors), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.factors = clone(sd["factors"])
+        self.factors = from_plain(sd["factors"])
         self.optimizer.load_state_dict(sd["optimizer"])
 
 

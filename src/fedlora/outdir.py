@@ -1,0 +1,80 @@
+"""A run's output directory: one run at a time, a fresh start or a checked resume.
+
+The lock is ``flock`` on ``.fedlora.lock`` in the directory: the kernel releases it when the
+holder ends, however it ends (a crash or SIGKILL included), so no stale lock needs clearing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import reprlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from .atomic import remove_temps
+from .checkpoint import list_checkpoints
+from .config import RunConfig, config_changes, read_toml, toml_dict
+from .errors import ConfigError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - no flock (Windows): runs are not locked
+    fcntl = None
+
+SUMMARY = "summary.json"  # written last: its presence marks a finished run
+LOCK = ".fedlora.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold ``out`` for the block; while it is held, another holder is refused (ConfigError)."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.pread(fd, 20, 0).decode(errors="replace").strip() or "?"
+                raise ConfigError(f"output directory {out} is in use by another run (pid {pid}); wait for it to "
+                                  "end, or set output_dir=... to run elsewhere") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def prepare_output_dir(out: Path, overwrite: bool, resume: bool) -> int:
+    """Make ``out`` ready (its lock held); return 0 to start afresh, -1 to continue from its checkpoint."""
+    has_run = (out / "metrics.jsonl").exists()
+    out.mkdir(parents=True, exist_ok=True)
+    if has_run and not resume and not overwrite:
+        raise ConfigError(f"output directory {out} already holds a run; pass --resume to "
+                          "continue it, --overwrite to replace it, or set output_dir=...")
+    for d in (out, out / "checkpoints"):  # no other run can be writing them: the lock is ours
+        remove_temps(d)
+    if has_run and resume:
+        return -1
+    for old in [out / "metrics.jsonl", out / SUMMARY, *list_checkpoints(out / "checkpoints")]:
+        old.unlink(missing_ok=True)
+    return 0
+
+
+def check_resume(cfg: RunConfig, out: Path) -> None:
+    """Refuse to continue the run in ``out`` with settings other than its own ``config.toml``'s;
+    only ``federation.rounds`` may grow (the run goes on to the new count)."""
+    if not (out / "config.toml").is_file():
+        raise ConfigError(f"--resume: {out} has no config.toml to check the settings against; "
+                          "pass --overwrite to start afresh")
+    changed = [(k, there, now) for k, there, now in config_changes(toml_dict(cfg), read_toml(out / "config.toml"))
+               if k != "output_dir" and not (k == "federation.rounds" and _grows(there, now))]
+    if changed:
+        named = ", ".join(f"{k} ({reprlib.repr(there)} there, {reprlib.repr(now)} now)" for k, there, now in changed)
+        raise ConfigError(f"--resume: the run in {out} has other settings: {named}; resume with its own "
+                          "(only federation.rounds may grow), or pass --overwrite to start afresh")
+
+
+def _grows(there: object, now: object) -> bool:
+    return isinstance(there, int) and isinstance(now, int) and now >= there
