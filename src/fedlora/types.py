@@ -72,6 +72,9 @@ class ClientTask:
         config: scalar settings for the client (e.g. FSLoRA's sketch ratio).
         fingerprint: of the base model the task is for (see ``LoRAModel.fingerprint``);
             a client holding another base refuses it. Empty: not checked.
+        nonce: random per (round, client), drawn from OS entropy by a carrier that sends
+            tasks over a wire; the update must return it, so a replayed or stale update is
+            told apart from this round's answer. Empty: not checked (in-process).
     """
 
     factors: LoRAState
@@ -81,6 +84,7 @@ class ClientTask:
     head: dict[str, Tensor] = field(default_factory=dict)
     config: dict[str, int | float | str] = field(default_factory=dict)
     fingerprint: str = ""
+    nonce: str = ""
 
 
 @dataclass
@@ -95,6 +99,7 @@ class ClientUpdate:
     # True when the task froze A (FFA-LoRA): A is then not uploaded, nor counted as traffic;
     # the receiver restores it from the task it sent.
     freeze_A: bool = False
+    nonce: str = ""  # the nonce of the task this update answers
 
 
 class Strategy(Protocol):
