@@ -140,11 +140,6 @@ class GridRounds:
         return metrics
 
 
-def build_registry(cfg: RunConfig, exp: Experiment, path: str) -> ClientRegistry:
-    """Example counts from the server's split (or the operator's file); default budgets from the config."""
-    r = cfg.strategy.global_rank
-    allowed = load_registry(path, cfg.data.num_clients, r) if path else None
-    return ClientRegistry([len(c) for c in exp.data.clients], exp.budgets, r, allowed)
 
 
 def use_budgets(exp: Experiment, strategy_budgets: list[int], registry: ClientRegistry) -> None:
@@ -174,8 +169,11 @@ def serve(grid: Grid, run_config: dict, settings: ServerSettings | None = None,
     cfg = config_from_run_config(run_config)
     s = settings or server_settings(run_config, cfg)
     resume = s.resume and not s.overwrite
+    r = cfg.strategy.global_rank
+    allowed = load_registry(s.registry, cfg.data.num_clients, r) if s.registry else None  # before the model loads
     exp = build_experiment(cfg)
-    registry = build_registry(cfg, exp, s.registry)
+    # example counts from the server's split (or the operator's file); default budgets from the config
+    registry = ClientRegistry([len(c) for c in exp.data.clients], exp.budgets, r, allowed)
     rounds = GridRounds(grid, registry, s.round_timeout, get_method(cfg.strategy.name).respects_budgets)
     rounds.register(s.min_nodes, s.register_timeout)
     kept = resumed_budgets(cfg) if resume else None
