@@ -63,9 +63,10 @@ class InProcessGrid(Grid):
         return node
 
     def restart(self, node: int, public_key: bytes | None = None, linger: bool = False) -> int:
-        """The SuperNode restarts: it comes back under a new node id (with a new key unless
-        given: a SuperNode without a persistent key draws one per start). ``linger``: the
-        old id stays listed but unreachable (the SuperLink has not noticed yet)."""
+        """The SuperNode restarts: it comes back under a new node id, with the same key
+        unless ``public_key`` is given (a SuperNode without a persistent key draws a new one
+        at each start). ``linger``: the old id stays listed but unreachable (the SuperLink
+        has not noticed yet)."""
         new = self.add_node(self.contexts[node].node_config, self.public_keys[node] if public_key is None
                             else public_key)
         (self.unreachable if linger else self.offline).add(node)
