@@ -147,10 +147,14 @@ def test_claims_on_taken_or_unknown_clients_and_bad_budgets_are_refused_or_clamp
              {NODE_PARTITION: 3},  # the config's budget
              {NODE_PARTITION: 0, NODE_BUDGET: 8},  # refused: client 0 is taken (node 1000 keeps it)
              {NODE_PARTITION: 99}, {NODE_PARTITION: -1}, {NODE_BUDGET: 4}]  # refused; no partition-id: no profile
+    grids = []
     with caplog.at_level(logging.WARNING, logger="fedlora"):
         exp, summary = flower_run(tiny_overrides(tiny_bert_dir, tmp_path / "r", federation__fraction=1.0,
                                                  budgets__per_client="[2, 2, 2, 4]"),
-                                  0, node_configs=nodes, **{RUN_MIN_NODES: 3})
+                                  0, node_configs=nodes, on_round=lambda grid, rnd, exp: grids.append(grid),
+                                  **{RUN_MIN_NODES: 3})
+    assert grids[0].sent[1007, codec.QUERY] == 3  # asked once while registering, then once a round
+    assert grids[0].sent[1004, codec.QUERY] == 1 and grids[0].sent[1004, codec.TRAIN] == 0  # refused: asked once
     assert exp.server.budgets == [1, 8, 2, 4] and summary["final_accuracy"] >= 0
     log = caplog.text
     assert "node 1002 refused: malformed (Malformed: field 'budget' must be int, got float 2.5)" in log

@@ -54,9 +54,9 @@ class GridRounds:
         """Connected nodes and the public key each signs its requests with (b"" where none)."""
         return {n.node_id: bytes(n.public_key) for n in self.grid.get_nodes()}
 
-    def _queries(self, online: dict[int, bytes]) -> dict[tuple[str, int], Message]:
+    def _queries(self, online: dict[int, bytes], skip: set[int] = frozenset()) -> dict[tuple[str, int], Message]:
         return {(codec.QUERY, n): Message(RecordDict(), dst_node_id=n, message_type=codec.QUERY)
-                for n in online if n not in self.asked}
+                for n in online if n not in self.asked and n not in skip}
 
     def _read_profiles(self, replies: dict, failed: dict, online: dict[int, bytes]) -> None:
         for (_, node), reason in sorted(failed.items()):
@@ -72,11 +72,12 @@ class GridRounds:
 
     def register(self, min_clients: int, timeout: float) -> None:
         """Ask every connected node who it is until ``min_clients`` clients are bound."""
-        deadline = time.monotonic() + timeout
+        deadline, tried = time.monotonic() + timeout, set()  # a node that failed is asked again next round
         while True:
             online = self._online()
             self.registry.retry(online)
-            if queries := self._queries(online):
+            if queries := self._queries(online, skip=tried):
+                tried.update(n for _, n in queries)
                 self._read_profiles(*self._send(queries), online)
             bound = sum(node in online for node in (h.node_id for h in self.registry.holders.values()))
             if bound >= min_clients:
