@@ -46,16 +46,20 @@ def corrupt(kind, u):
         f["k"] = f["q"]
     elif kind == "dtype":
         f["q"] = Factors(A=f["q"].A.double(), B=f["q"].B.double())
+    head = dict(u.head)
+    if kind.startswith("head-"):  # a head in another dtype would change the global head's dtype
+        head = {k: v.to(getattr(torch, kind[5:])) for k, v in head.items()}
     n = 10**9 if kind == "huge" else (0 if kind == "zero" else u.num_examples)
     fp = "other-base" if kind == "fingerprint" else u.fingerprint
-    return ClientUpdate(factors=f, num_examples=n, head=u.head, fingerprint=fp)
+    return ClientUpdate(factors=f, num_examples=n, head=head, fingerprint=fp)
 
 
 REASONS = {"nan": Reject.NON_FINITE, "inf": Reject.NON_FINITE, "rank": Reject.WRONG_SHAPE,
            "transposed": Reject.WRONG_SHAPE, "missing": Reject.MISSING_MODULES,
            "extra": Reject.EXTRA_MODULES, "dtype": Reject.WRONG_DTYPE,
            "huge": Reject.BAD_EXAMPLE_COUNT, "zero": Reject.BAD_EXAMPLE_COUNT,
-           "fingerprint": Reject.FINGERPRINT}
+           "fingerprint": Reject.FINGERPRINT, "head-float64": Reject.WRONG_DTYPE,
+           "head-float16": Reject.WRONG_DTYPE, "head-int64": Reject.WRONG_DTYPE}
 
 
 @pytest.mark.parametrize("kind", sorted(REASONS))
@@ -108,8 +112,56 @@ def test_uniform_weighting_ignores_example_counts():
     tasks = server.configure(1, [0, 1, 2])
     ups = {c: honest(tasks[c], c, server.num_examples[c]) for c in tasks}
     ref = make_server()
+    ref.num_examples = [7] * 8  # the reference: equal example counts, weighted by examples
     rt = ref.configure(1, [0, 1, 2])
     ref.aggregate(1, rt, {c: ClientUpdate(u.factors, 7, u.head, fingerprint="base-1") for c, u in ups.items()})
     server.aggregate(1, tasks, ups)
     torch.testing.assert_close(server.strategy.factors["q"].B, ref.strategy.factors["q"].B)
     torch.testing.assert_close(server.head["classifier.weight"], ref.head["classifier.weight"])
+
+
+def test_weights_are_the_servers_example_counts_not_the_declared_ones():
+    server, ref = make_server(), make_server()
+    tasks, rt = server.configure(1, [0, 1, 2]), ref.configure(1, [0, 1, 2])
+    ups = {c: honest(tasks[c], c, server.num_examples[c]) for c in tasks}
+    low = {c: ClientUpdate(u.factors, 1 if c == 2 else u.num_examples, u.head, fingerprint="base-1")
+           for c, u in ups.items()}  # client 2 declares 1 example: it still weighs its 30
+    server.aggregate(1, tasks, low)
+    ref.aggregate(1, rt, ups)
+    torch.testing.assert_close(server.strategy.factors["q"].B, ref.strategy.factors["q"].B)
+    torch.testing.assert_close(server.head["classifier.weight"], ref.head["classifier.weight"])
+
+
+def test_nonces_are_fresh_and_an_update_without_this_rounds_nonce_is_stale(caplog):
+    server = make_server()
+    assert all(t.nonce == "" for t in server.configure(1, [0, 1]).values())  # in-process: not asked for
+    t1 = server.configure(1, [0, 1], nonce=True)
+    t2 = server.configure(2, [0, 1], nonce=True)
+    nonces = [t.nonce for t in (*t1.values(), *t2.values())]
+    assert len(set(nonces)) == 4 and all(len(n) == 32 for n in nonces)
+    old = honest(t1[0], 0, 10)
+    old.nonce = t1[0].nonce
+    new = honest(t2[1], 1, 20)
+    new.nonce = t2[1].nonce
+    with caplog.at_level("WARNING"):
+        metrics = server.aggregate(2, t2, {0: old, 1: new})  # client 0 replays its round-1 answer
+    assert metrics["rejected"] == 1 and "client 0: stale" in caplog.text
+
+
+def test_replies_that_do_not_decode_are_rejected_as_malformed_and_the_round_goes_on(caplog):
+    server, ref = make_server(), make_server()
+    tasks, rt = server.configure(1, [0, 1, 2]), ref.configure(1, [0, 1])
+    good = {c: honest(tasks[c], c, server.num_examples[c]) for c in tasks}
+
+    def decode(reply, task):
+        if reply == "garbage":
+            raise KeyError("fedlora.meta")
+        return good[reply]
+
+    with caplog.at_level("WARNING"):
+        metrics = server.aggregate(1, tasks, [(0, 0), (1, 1), (2, "garbage"), (7, 2)], decode=decode)
+    assert metrics["rejected"] == 2 and metrics["dropped"] == 0
+    assert "client 2: malformed (KeyError: 'fedlora.meta')" in caplog.text
+    assert "client 7: unexpected_client" in caplog.text
+    ref.aggregate(1, rt, {c: good[c] for c in (0, 1)})
+    torch.testing.assert_close(server.strategy.factors["q"].B, ref.strategy.factors["q"].B)

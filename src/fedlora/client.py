@@ -91,4 +91,5 @@ def local_train(
         metrics={"train_loss": total / max(steps, 1), "steps": float(steps)},
         fingerprint=lm.fingerprint,
         freeze_A=task.freeze_A,
+        nonce=task.nonce,
     )

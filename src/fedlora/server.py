@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,7 +22,7 @@ from .privacy import DPMechanism
 from .seeding import numpy_rng
 from .state import example_weights, weighted_sum_tensors
 from .types import ClientSpec, ClientTask, ClientUpdate, Strategy, payload_nbytes
-from .validate import screen_updates
+from .validate import decode_updates, screen_updates
 
 log = logging.getLogger("fedlora.server")
 
@@ -66,22 +68,32 @@ class FederatedServer:
     def spec(self, cid: int) -> ClientSpec:
         return ClientSpec(cid=cid, budget=self.budgets[cid], num_examples=self.num_examples[cid])
 
-    def configure(self, rnd: int, cids: Sequence[int]) -> dict[int, ClientTask]:
+    def configure(self, rnd: int, cids: Sequence[int], nonce: bool = False) -> dict[int, ClientTask]:
+        """One task per client; with ``nonce``, each carries a fresh random nonce (from OS
+        entropy, not the seed) that its update must return (carriers over a wire ask for it)."""
         tasks = self.strategy.configure(rnd, [self.spec(c) for c in cids])
         for task in tasks.values():
             task.head = {k: v.clone() for k, v in self.head.items()}
             task.fingerprint = self.fingerprint
+            task.nonce = secrets.token_hex(16) if nonce else ""
         return tasks
 
     def aggregate(self, rnd: int, tasks: Mapping[int, ClientTask],
-                  updates: Mapping[int, ClientUpdate] | Iterable[tuple[int, ClientUpdate]]
-                  ) -> dict[str, float]:
+                  updates: Mapping[int, Any] | Iterable[tuple[int, Any]],
+                  decode: Callable[[Any, ClientTask], ClientUpdate] | None = None) -> dict[str, float]:
         """Screen, clip and fold the round's updates into the global state.
 
         ``updates`` may hold several answers of one client (as a list of pairs): such a
-        client is rejected. Fewer than ``min_clients`` valid updates skip the round.
+        client is rejected. With ``decode``, they are raw replies, decoded here as answers
+        to their tasks; one that does not decode is rejected like any bad update. Each
+        valid update weighs by the server's example count for its client, never by the
+        count it declares (which must lie in [1, that count]). Fewer than ``min_clients``
+        valid updates skip the round.
         """
         pairs = list(updates.items() if isinstance(updates, Mapping) else updates)
+        malformed = []
+        if decode is not None:
+            pairs, malformed = decode_updates(tasks, pairs, decode)
         metrics: dict[str, float] = {
             "clients": float(len(tasks)),
             "bytes_down": float(sum(payload_nbytes(t) for t in tasks.values())),
@@ -89,10 +101,12 @@ class FederatedServer:
         }
         valid, rejected = screen_updates(tasks, pairs, {c: self.num_examples[c] for c in tasks},
                                          self.fingerprint)
+        rejected = malformed + rejected
+        valid = {c: dataclasses.replace(u, num_examples=self.num_examples[c]) for c, u in valid.items()}
         for r in rejected:
             log.warning("round %d: rejected %s", rnd, r)
         metrics["rejected"] = float(len(rejected))
-        metrics["dropped"] = float(len(set(tasks) - {c for c, _ in pairs}))
+        metrics["dropped"] = float(len(set(tasks) - {c for c, _ in pairs} - {r.cid for r in malformed}))
         if len(valid) < self.min_clients:
             log.warning("round %d: %d valid updates < min_clients=%d; global state unchanged",
                         rnd, len(valid), self.min_clients)

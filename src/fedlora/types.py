@@ -75,6 +75,9 @@ class ClientTask:
         effect_scale: the scale at which the client's factor change moves the GLOBAL model,
             when it differs from ``scale`` (FSLoRA: ``s``, while the client trains at
             ``s r / k``); clipping measures the change there. Server-side only, never sent.
+        nonce: random per (round, client), drawn from OS entropy by a carrier that sends
+            tasks over a wire; the update must return it, so a replayed or stale update is
+            told apart from this round's answer. Empty: not checked (in-process).
     """
 
     factors: LoRAState
@@ -85,6 +88,7 @@ class ClientTask:
     config: dict[str, int | float | str] = field(default_factory=dict)
     fingerprint: str = ""
     effect_scale: float | None = None
+    nonce: str = ""
 
 
 @dataclass
@@ -99,6 +103,7 @@ class ClientUpdate:
     # True when the task froze A (FFA-LoRA): A is then not uploaded, nor counted as traffic;
     # the receiver restores it from the task it sent.
     freeze_A: bool = False
+    nonce: str = ""  # the nonce of the task this update answers
 
 
 class Strategy(Protocol):

@@ -1,14 +1,17 @@
 """Screening client updates before aggregation: who sent it, and what it contains.
 
 Every strategy's updates pass through :func:`screen_updates`; a bad update is set
-aside with a typed reason and the round goes on with the rest.
+aside with a typed reason and the round goes on with the rest. Replies that arrive as
+bytes (Flower) are decoded first, in :func:`decode_updates`: one that does not decode
+is a rejection too, never an exception that ends the run.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -26,6 +29,8 @@ class Reject(str, enum.Enum):
     BAD_EXAMPLE_COUNT = "bad_example_count"  # not positive, or above the client's cap
     HEAD_MISMATCH = "head_mismatch"
     FINGERPRINT = "fingerprint_mismatch"  # trained on a different base model
+    MALFORMED = "malformed"  # did not decode: missing or ill-typed fields, unknown keys, tensors that are no LoRA pair
+    STALE = "stale"  # does not carry this round's nonce: replayed, or an answer to another task
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ def check_update(task: ClientTask, update: ClientUpdate, max_examples: int,
     def bad(reason: Reject, detail: str) -> Rejection:
         return Rejection(-1, reason, detail)
 
+    if task.nonce and update.nonce != task.nonce:
+        return bad(Reject.STALE, "it does not carry the nonce of this round's task")
     if fingerprint and update.fingerprint != fingerprint:
         return bad(Reject.FINGERPRINT, "update comes from a different base model")
     missing = sorted(set(task.factors) - set(update.factors))
@@ -65,8 +72,13 @@ def check_update(task: ClientTask, update: ClientUpdate, max_examples: int,
     if set(update.head) != set(task.head):
         return bad(Reject.HEAD_MISMATCH, "head parameters differ from the ones sent")
     for name, t in update.head.items():
-        if t.shape != task.head[name].shape or not torch.isfinite(t).all():
-            return bad(Reject.HEAD_MISMATCH, f"head {name} has a wrong shape or non-finite values")
+        want = task.head[name]
+        if t.shape != want.shape:
+            return bad(Reject.HEAD_MISMATCH, f"head {name} is {tuple(t.shape)}, expected {tuple(want.shape)}")
+        if t.dtype != want.dtype:  # averaging it in would change the global head's dtype
+            return bad(Reject.WRONG_DTYPE, f"head {name} is {t.dtype}, expected {want.dtype}")
+        if not torch.isfinite(t).all():
+            return bad(Reject.NON_FINITE, f"head {name} holds NaN or Inf")
     if not 0 < update.num_examples <= max_examples:
         return bad(Reject.BAD_EXAMPLE_COUNT, f"{update.num_examples} not in [1, {max_examples}]")
     return None
@@ -100,3 +112,28 @@ def screen_updates(
         else:
             rejected.append(Rejection(cid, problem.reason, problem.detail))
     return valid, rejected
+
+
+def decode_updates(
+    tasks: Mapping[int, ClientTask],
+    replies: Iterable[tuple[int, Any]],
+    decode: Callable[[Any, ClientTask], ClientUpdate],
+) -> tuple[list[tuple[int, ClientUpdate]], list[Rejection]]:
+    """Decode each (client id, reply) as an answer to that client's task, in a guarded step.
+
+    A reply from a client that got no task, or one whose decoding raises anything (the
+    bytes came from outside: every failure is the sender's), is rejected with a typed
+    reason; the rest are returned for :func:`screen_updates`.
+    """
+    decoded: list[tuple[int, ClientUpdate]] = []
+    rejected: list[Rejection] = []
+    for cid, reply in replies:
+        if cid not in tasks:
+            rejected.append(Rejection(cid, Reject.UNEXPECTED_CLIENT, "no task was sent to it"))
+            continue
+        try:
+            decoded.append((cid, decode(reply, tasks[cid])))
+        except Exception as e:  # noqa: BLE001 - untrusted input: any failure is a malformed reply
+            detail = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+            rejected.append(Rejection(cid, Reject.MALFORMED, detail))
+    return decoded, rejected

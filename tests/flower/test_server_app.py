@@ -15,7 +15,6 @@ from fedlora.config import (
     default_config_path,  # noqa: E402
     load_config,  # noqa: E402
 )
-from fedlora.experiment import build_experiment  # noqa: E402
 from fedlora.flower import client_app, codec  # noqa: E402
 from fedlora.flower.inprocess import InProcessGrid  # noqa: E402
 from fedlora.flower.run_config import (  # noqa: E402
@@ -23,9 +22,10 @@ from fedlora.flower.run_config import (  # noqa: E402
     NODE_PARTITION,
     RUN_CONFIG_FILE,
     RUN_OVERRIDES,
-    config_from_run_config,
+    RUN_REGISTER_TIMEOUT,
+    RUN_ROUND_TIMEOUT,
 )
-from fedlora.flower.server_app import GridRounds  # noqa: E402
+from fedlora.flower.server_app import serve  # noqa: E402
 from fedlora.runner import run  # noqa: E402
 from fedlora.simulate import simulate_round  # noqa: E402
 from fedlora.types import ClientTask, ClientUpdate, Factors, tensors_of  # noqa: E402
@@ -33,22 +33,23 @@ from fedlora.types import ClientTask, ClientUpdate, Factors, tensors_of  # noqa:
 from ..conftest import tiny_overrides  # noqa: E402
 
 
-def flower_run(overrides, num_nodes, budgets=None, on_round=None):
-    run_config = {RUN_CONFIG_FILE: "", RUN_OVERRIDES: shlex.join(overrides)}
-    node_configs = [{NODE_PARTITION: i, **({NODE_BUDGET: budgets[i]} if budgets else {})}
-                    for i in range(num_nodes)]
-    grid = InProcessGrid(client_app.app, node_configs, run_config)
-    cfg = config_from_run_config(run_config)
-    rounds = GridRounds(grid, min_nodes=num_nodes, round_timeout=30)
+def flower_run(overrides, num_nodes, budgets=None, on_round=None, node_configs=None, public_keys=None, **run_cfg):
+    """The ServerApp's own `serve` over an in-process grid of ``num_nodes`` nodes (node ``1000 + i`` holds
+    partition ``i``); ``on_round(grid, rnd, exp)`` runs before each round. Returns (exp, summary)."""
+    run_config = {RUN_CONFIG_FILE: "", RUN_OVERRIDES: shlex.join(overrides), RUN_ROUND_TIMEOUT: 30.0,
+                  RUN_REGISTER_TIMEOUT: 5.0, **run_cfg}
+    node_configs = node_configs or [{NODE_PARTITION: i, **({NODE_BUDGET: budgets[i]} if budgets else {})}
+                                    for i in range(num_nodes)]
+    grid = InProcessGrid(client_app.app, node_configs, run_config, public_keys=public_keys)
+    seen = {}
 
-    def round_fn(exp, rnd):
+    def before_round(exp, rnd):
+        seen["exp"] = exp
         if on_round:
             on_round(grid, rnd, exp)
-        return rounds(exp, rnd)
 
-    exp = build_experiment(cfg)
-    summary = run(cfg, round_fn, overwrite=True, progress=False, exp=exp)
-    return exp, summary
+    summary = serve(grid, run_config, before_round=before_round)
+    return seen.get("exp"), summary
 
 
 @pytest.mark.parametrize("strategy", ["fslora", "flexlora"])

@@ -3,7 +3,8 @@
 The node declares what it is in its node-config: ``partition-id`` (which client of the
 federated split it holds), optionally ``budget`` (the LoRA rank it can afford; default:
 the budget the run config draws for that client) and ``device`` (where it trains, e.g.
-``cuda:1``; default: the run config's ``train.device``).
+``cuda:1``; default: the run config's ``train.device``). The server checks the first two
+(:mod:`.registry`) and decides the example counts; answering who it is loads nothing.
 """
 
 from __future__ import annotations
@@ -31,26 +32,27 @@ def _experiment(config_key: tuple, device: str) -> Experiment:
     return build_experiment(cfg)
 
 
-def _local(context: Context) -> tuple[Experiment, int, int]:
+def _local(context: Context) -> tuple[Experiment, int]:
     exp = _experiment(tuple(sorted(context.run_config.items())), str(context.node_config.get(NODE_DEVICE, "")))
-    cid = int(context.node_config.get(NODE_PARTITION, 0))
-    if not 0 <= cid < len(exp.data.clients):
-        raise ValueError(f"node-config {NODE_PARTITION}={cid} is outside the "
+    cid = context.node_config.get(NODE_PARTITION)
+    if not isinstance(cid, int) or not 0 <= cid < len(exp.data.clients):
+        raise ValueError(f"node-config {NODE_PARTITION}={cid!r} is not one of the "
                          f"{len(exp.data.clients)} clients of this run")
-    budget = int(context.node_config.get(NODE_BUDGET, exp.budgets[cid]))
-    return exp, cid, budget
+    return exp, cid
 
 
 @app.query()
 def profile(msg: Message, context: Context) -> Message:
-    """Tell the server who this node is and what it can afford."""
-    exp, cid, budget = _local(context)
-    return Message(codec.encode_profile(cid, budget, len(exp.data.clients[cid])), reply_to=msg)
+    """Tell the server which client this node holds and what it can afford (as configured)."""
+    if NODE_PARTITION not in context.node_config:
+        raise ValueError(f"node-config has no {NODE_PARTITION}: say which client of the split this node holds")
+    return Message(codec.encode_profile(context.node_config[NODE_PARTITION], context.node_config.get(NODE_BUDGET)),
+                   reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    exp, cid, _ = _local(context)
+    exp, cid = _local(context)
     rnd, task = codec.decode_task(msg.content)
     update = train_client(exp, rnd, cid, task)
     return Message(codec.encode_update(update), reply_to=msg)

@@ -1,4 +1,9 @@
-"""ClientTask / ClientUpdate <-> Flower records. The only place Flower's keys live."""
+"""ClientTask / ClientUpdate <-> Flower records. The only place Flower's keys live.
+
+Decoding what a node sends is strict: a missing or ill-typed field, an unknown key or a
+tensor that is no LoRA factor raises :class:`Malformed` (the server's screening turns it
+into a typed rejection of that client, see :func:`fedlora.validate.decode_updates`).
+"""
 
 from __future__ import annotations
 
@@ -10,74 +15,116 @@ from ..types import ClientTask, ClientUpdate, Factors, LoRAState, tensors_of
 TRAIN, QUERY = "train", "query"
 ARRAYS, META, METRICS = "fedlora.arrays", "fedlora.meta", "fedlora.metrics"
 CONFIG_PREFIX = "config."
+GROUPS, PARTS = ("lora", "delta", "head"), ("A", "B")
+
+
+class Malformed(ValueError):
+    """A record that is not what the protocol says it is."""
+
+
+def _field(meta, key: str, kind: type):
+    """``meta[key]``, which must be a ``kind`` (an int is not a bool, nor a bool an int)."""
+    if key not in meta:
+        raise Malformed(f"missing field {key!r}")
+    v = meta[key]
+    if kind is int and isinstance(v, bool) or not isinstance(v, kind):
+        raise Malformed(f"field {key!r} must be {kind.__name__}, got {type(v).__name__} {v!r}"[:160])
+    return v
 
 
 def _pack(payload: ClientTask | ClientUpdate) -> ArrayRecord:
     return ArrayRecord({k: v.contiguous() for k, v in tensors_of(payload).items()})
 
 
-def _unpack(record: ArrayRecord) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, Tensor]],
-                                         dict[str, Tensor]]:
+def _unpack(record: ArrayRecord, groups: tuple[str, ...]) -> tuple[dict[str, dict[str, Tensor]],
+                                                                   dict[str, dict[str, Tensor]], dict[str, Tensor]]:
     """Split the flat keys of :func:`fedlora.types.tensors_of` back into their groups."""
     lora: dict[str, dict[str, Tensor]] = {}
     delta: dict[str, dict[str, Tensor]] = {}
     head: dict[str, Tensor] = {}
     for key, t in record.to_torch_state_dict().items():
         group, _, rest = key.partition(".")
+        if group not in groups or not rest:
+            raise Malformed(f"unexpected tensor {key!r}"[:160])
         if group == "head":
             head[rest] = t
-        else:
-            name, _, part = rest.rpartition(".")
-            (lora if group == "lora" else delta).setdefault(name, {})[part] = t
+            continue
+        name, _, part = rest.rpartition(".")
+        if not name or part not in PARTS:
+            raise Malformed(f"unexpected tensor {key!r}"[:160])
+        (lora if group == "lora" else delta).setdefault(name, {})[part] = t
     return lora, delta, head
 
 
 def _factors(parts: dict[str, dict[str, Tensor]]) -> LoRAState:
-    return {n: Factors(A=p["A"], B=p["B"]) for n, p in parts.items()}
+    missing = [f"{n}.{p}" for n, ps in parts.items() for p in PARTS if p not in ps]
+    if missing:
+        raise Malformed(f"{len(missing)} factors missing, e.g. {missing[0]}"[:160])
+    return {n: Factors(A=p["A"], B=p["B"]) for n, p in parts.items()}  # Factors checks (r, in) / (out, r)
 
 
 def encode_task(task: ClientTask, rnd: int) -> RecordDict:
     meta = {"round": rnd, "scale": float(task.scale), "freeze_A": bool(task.freeze_A),
-            "fingerprint": task.fingerprint}
+            "fingerprint": task.fingerprint, "nonce": task.nonce}
     meta.update({CONFIG_PREFIX + k: v for k, v in task.config.items()})
     return RecordDict({ARRAYS: _pack(task), META: ConfigRecord(meta)})
 
 
 def decode_task(content: RecordDict) -> tuple[int, ClientTask]:
     meta = content.config_records[META]
-    lora, delta, head = _unpack(content.array_records[ARRAYS])
+    lora, delta, head = _unpack(content.array_records[ARRAYS], GROUPS)
     config = {k[len(CONFIG_PREFIX):]: v for k, v in meta.items() if k.startswith(CONFIG_PREFIX)}
     task = ClientTask(factors=_factors(lora), scale=float(meta["scale"]), freeze_A=bool(meta["freeze_A"]),
-                      base_delta=_factors(delta), head=head, config=config, fingerprint=str(meta["fingerprint"]))
+                      base_delta=_factors(delta), head=head, config=config, fingerprint=str(meta["fingerprint"]),
+                      nonce=str(meta.get("nonce", "")))
     return int(meta["round"]), task
 
 
 def encode_update(update: ClientUpdate) -> RecordDict:
     meta = {"num_examples": int(update.num_examples), "fingerprint": update.fingerprint,
-            "freeze_A": bool(update.freeze_A)}
+            "freeze_A": bool(update.freeze_A), "nonce": update.nonce}
     return RecordDict({ARRAYS: _pack(update), META: ConfigRecord(meta),
                        METRICS: MetricRecord({k: float(v) for k, v in update.metrics.items()})})
 
 
 def decode_update(content: RecordDict, task: ClientTask) -> ClientUpdate:
-    """The update, with a frozen ``A`` (not sent) restored from the task it answers."""
+    """The update answering ``task``; a frozen ``A`` (not sent) is restored from the task.
+
+    Raises :class:`Malformed` (or whatever the record layer raises on broken bytes)."""
+    if META not in content.config_records or ARRAYS not in content.array_records:
+        raise Malformed("no fedlora update in the reply")
     meta = content.config_records[META]
-    lora, _, head = _unpack(content.array_records[ARRAYS])
-    frozen = bool(meta["freeze_A"])
+    num_examples = _field(meta, "num_examples", int)
+    fingerprint, nonce = _field(meta, "fingerprint", str), _field(meta, "nonce", str)
+    frozen = _field(meta, "freeze_A", bool)
+    if frozen != task.freeze_A:
+        raise Malformed(f"freeze_A={frozen} answers a task with freeze_A={task.freeze_A}")
+    lora, _, head = _unpack(content.array_records[ARRAYS], ("lora", "head"))
     if frozen:
         for name, parts in lora.items():
+            if "A" in parts:
+                raise Malformed(f"{name}.A is frozen and must not be sent")
             if name in task.factors:
-                parts.setdefault("A", task.factors[name].A)
-    factors = {n: Factors(A=p["A"], B=p["B"]) for n, p in lora.items() if "A" in p and "B" in p}
-    metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else {}
-    return ClientUpdate(factors=factors, num_examples=int(meta["num_examples"]), head=head,
-                        metrics=metrics, fingerprint=str(meta["fingerprint"]), freeze_A=frozen)
+                parts["A"] = task.factors[name].A
+    metrics = {}
+    for k, v in (content.metric_records[METRICS] if METRICS in content.metric_records else {}).items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise Malformed(f"metric {k!r} must be a number, got {type(v).__name__}"[:160])
+        metrics[k] = float(v)
+    return ClientUpdate(factors=_factors(lora), num_examples=num_examples, head=head, metrics=metrics,
+                        fingerprint=fingerprint, freeze_A=frozen, nonce=nonce)
 
 
-def encode_profile(cid: int, budget: int, num_examples: int) -> RecordDict:
-    return RecordDict({META: ConfigRecord({"cid": cid, "budget": budget, "num_examples": num_examples})})
+def encode_profile(cid, budget=None) -> RecordDict:
+    """What a node says about itself: the partition it holds and, optionally, its budget
+    (passed on as given: the server checks them)."""
+    meta = {"cid": cid} if budget is None else {"cid": cid, "budget": budget}
+    return RecordDict({META: ConfigRecord(meta)})
 
 
-def decode_profile(content: RecordDict) -> tuple[int, int, int]:
+def decode_profile(content: RecordDict) -> tuple[int, int | None]:
+    """(partition id, budget or None); raises :class:`Malformed` for anything else."""
+    if META not in content.config_records:
+        raise Malformed("no fedlora profile in the reply")
     meta = content.config_records[META]
-    return int(meta["cid"]), int(meta["budget"]), int(meta["num_examples"])
+    return _field(meta, "cid", int), (_field(meta, "budget", int) if "budget" in meta else None)

@@ -7,11 +7,13 @@ or Ray: for tests and debugging (a round costs what local training costs).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -19,20 +21,26 @@ FIRST_NODE_ID = 1000  # node id 1 (SUPERLINK_NODE_ID) is the SuperLink's own
 
 
 class InProcessGrid(Grid):
+    """Nodes ``FIRST_NODE_ID + i`` run ``client_app`` with ``node_configs[i]`` (and, as a
+    SuperNode would, hold ``public_keys[i]``, PEM; default: none)."""
+
     def __init__(self, client_app: ClientApp, node_configs: list[dict], run_config: dict,
-                 run_id: int = 1) -> None:
+                 run_id: int = 1, public_keys: list[bytes] | None = None) -> None:
         self.client_app = client_app
-        self.contexts = {
-            FIRST_NODE_ID + i: Context(run_id=run_id, node_id=FIRST_NODE_ID + i, node_config=nc,
-                                       state=RecordDict(), run_config=run_config)
-            for i, nc in enumerate(node_configs)
-        }
+        self.run_id, self.run_config = run_id, run_config
+        self.contexts: dict[int, Context] = {}
+        self.public_keys: dict[int, bytes] = {}
+        for i, nc in enumerate(node_configs):
+            self.add_node(nc, public_keys[i] if public_keys else b"")
         # fault injection: `offline` nodes are no longer listed; `silent` ones take messages
         # and never answer; messages to `unreachable` ones come back as the SuperLink's
         # "node unavailable" error (what a SuperLink sends once a node stops heartbeating)
         self.offline: set[int] = set()
         self.silent: set[int] = set()
         self.unreachable: set[int] = set()
+        # a node in `tamper` answers with tamper[node](message, its honest reply) instead
+        self.tamper: dict[int, Callable[[Message, Message], Message]] = {}
+        self.sent: Counter[tuple[int, str]] = Counter()  # (node, message type) -> messages delivered
         self._replies: dict[str, Message] = {}
         self._ids = itertools.count()
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 1
@@ -47,8 +55,28 @@ class InProcessGrid(Grid):
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
+    def add_node(self, node_config: dict, public_key: bytes = b"") -> int:
+        node = max(self.contexts, default=FIRST_NODE_ID - 1) + 1
+        self.contexts[node] = Context(run_id=self.run_id, node_id=node, node_config=dict(node_config),
+                                      state=RecordDict(), run_config=self.run_config)
+        self.public_keys[node] = public_key
+        return node
+
+    def restart(self, node: int, public_key: bytes | None = None, linger: bool = False) -> int:
+        """The SuperNode restarts: it comes back under a new node id, with the same key
+        unless ``public_key`` is given (a SuperNode without a persistent key draws a new one
+        at each start). ``linger``: the old id stays listed but unreachable (the SuperLink
+        has not noticed yet)."""
+        new = self.add_node(self.contexts[node].node_config, self.public_keys[node] if public_key is None
+                            else public_key)
+        (self.unreachable if linger else self.offline).add(node)
+        return new
+
     def get_node_ids(self) -> Iterable[int]:
         return [n for n in self.contexts if n not in self.offline]
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return [NodeInfo(node_id=n, public_key=self.public_keys[n]) for n in self.get_node_ids()]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -65,8 +93,10 @@ class InProcessGrid(Grid):
                 reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # sent by the SuperLink
                 self._replies[key] = reply
                 continue
+            self.sent[node, msg.metadata.message_type] += 1
             try:
-                self._replies[key] = self.client_app(msg, self.contexts[node])
+                reply = self.client_app(msg, self.contexts[node])
+                self._replies[key] = self.tamper[node](msg, reply) if node in self.tamper else reply
             except Exception as e:  # as a SuperNode does: the failure becomes an error reply
                 self._replies[key] = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"),
                                              reply_to=msg)
