@@ -19,7 +19,7 @@ import torch
 from fedlora.atomic import TEMP, write_atomic
 from fedlora.checkpoint import decode, encode, flatten, latest_checkpoint, list_checkpoints, save_checkpoint
 from fedlora.cli import main
-from fedlora.config import ConfigError
+from fedlora.config import ConfigError, PrivacyConfig
 from fedlora.export import save_peft_adapter
 from fedlora.server import FederatedServer
 from fedlora.strategies import METHODS
@@ -130,7 +130,8 @@ def server_of(name: str) -> FederatedServer:
     settings = FSLoRASettings(server_optimizer="adamw", server_lr=0.5) if name == "fslora-adamw" else None
     g = torch.Generator().manual_seed(3)
     head = {"classifier.weight": torch.randn(3, 4, generator=g), "classifier.bias": torch.zeros(3, dtype=torch.float64)}
-    return FederatedServer(build(name.split("-")[0], settings), head, BUDGETS, EXAMPLES)
+    privacy = PrivacyConfig(clip_norm="auto", noise_multiplier=1.0, dp_clip=1.0)  # its round count and clip bound
+    return FederatedServer(build(name.split("-")[0], settings), head, BUDGETS, EXAMPLES, privacy=privacy)
 
 
 @pytest.mark.parametrize("name", [*sorted(METHODS), "fslora-adamw"])
@@ -138,12 +139,12 @@ def test_every_method_round_trips_bit_for_bit_through_a_checkpoint(tmp_path, nam
     s = server_of(name)
     for rnd, specs in ((1, SPECS[:3]), (2, SPECS[1:])):
         s.strategy.aggregate(rnd, train(s.strategy.configure(rnd, specs), seed=rnd))
-    s.dp_rounds = 2
+    s.dp.rounds, s.adaptive.bound = 2, 0.37
     save_checkpoint(tmp_path, 2, {"round": 2, "server": s.state_dict(), "budgets": BUDGETS})
     rnd, payload = latest_checkpoint(tmp_path)
     t = server_of(name)
     t.load_state_dict(payload["server"])
-    assert rnd == 2 and payload["budgets"] == BUDGETS and t.dp_rounds == 2
+    assert rnd == 2 and payload["budgets"] == BUDGETS and (t.dp.rounds, t.adaptive.bound) == (2, 0.37)
     assert t.global_task().scale == s.global_task().scale
     a, b = global_tensors(s), global_tensors(t)
     assert a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a), [k for k in a if not same_bits(a[k], b[k])]
