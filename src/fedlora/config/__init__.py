@@ -17,15 +17,20 @@ from .loader import (
     toml_dict,
 )
 from .schema import (
+    FORMAT_FIELDS,
     BudgetConfig,
     DataConfig,
+    DataFormat,
     Distribution,
+    EvalConfig,
     FederationConfig,
+    LogConfig,
     ModelConfig,
     PrivacyConfig,
     ReliabilityConfig,
     RunConfig,
     StrategyConfig,
+    Task,
     TrainConfig,
 )
 
@@ -33,4 +38,5 @@ __all__ = [
     "ConfigError", "apply_overrides", "default_config_path", "from_dict", "load_config", "options", "parse_override",
     "read_toml", "to_toml", "toml_dict", "BudgetConfig", "DataConfig", "Distribution", "FederationConfig",
     "ModelConfig", "PrivacyConfig", "ReliabilityConfig", "RunConfig", "StrategyConfig", "TrainConfig",
+    "FORMAT_FIELDS", "DataFormat", "EvalConfig", "LogConfig", "Task",
 ]
