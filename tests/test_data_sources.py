@@ -167,3 +167,15 @@ def test_format_and_task_agree_or_the_config_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=r"output_dir: .*file is a file, not a directory"):
         load_config(None, [f'output_dir="{tmp_path / "file" / "run"}"'])
+
+
+def test_a_classification_data_set_with_its_own_test_split(tmp_path):
+    rows = [{"text": f"text {i}", "label": ["neg", "pos"][i % 2]} for i in range(30)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:24]),
+                          "test": datasets.Dataset.from_list(rows[24:])}).save_to_disk(str(tmp_path / "cls"))
+    cfg = DataConfig(name=str(tmp_path / "cls"), label_column="label", partition="iid", num_clients=2)
+    ds = load_text_dataset(cfg)
+    assert ds.label_names == ["neg", "pos"] and ds.held_out.sum() == 6
+    clients, test = split_clients(ds, cfg, seed=0)
+    assert [ds.texts[i] for i in test] == [f"text {i}" for i in range(24, 30)]
+    assert sorted(i for c in clients for i in c) == list(range(24))

@@ -135,6 +135,15 @@ def test_over_long_answers_are_reported_once(tiny_chat_llama_dir, tmp_path, capl
                                      **{"model.max_length": 20, "data.test_size": 4})[1:-1])
     with caplog.at_level(logging.WARNING, logger="fedlora.experiment"):
         exp = build_experiment(cfg)
-    warnings = [r.getMessage() for r in caplog.records if "longer than model.max_length" in r.getMessage()]
-    assert len(warnings) == 1 and warnings[0].startswith("30 of 40 answers are longer than model.max_length = 20")
+    warnings = [r.getMessage() for r in caplog.records if "do not fit in model.max_length" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("30 of 40 answers do not fit in model.max_length = 20 ")
     assert exp.data.encoded.input_ids.shape[1] == 20
+
+
+def test_targets_that_match_nothing_are_one_line(tiny_chat_llama_dir, tmp_path, capsys):
+    data = write_data(tmp_path)["messages"]
+    args = run_args(tiny_chat_llama_dir, data, "messages", tmp_path / "run", **{"model.targets": '["query"]'})
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fedlora: error: model.targets: no linear layer matches targets ['query']; linear layers "
+                          "here end in ['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj'")

@@ -113,8 +113,8 @@ def build_chat_data(cfg: RunConfig, ds: ChatDataset, tokenizer, clients: list[np
     """Conversations with the loss on their answers; ``eval.generate_examples`` held-out prompts."""
     encoded, cut = encode_conversations(tokenizer, ds.conversations, cfg.model.max_length)
     if cut:
-        log.warning("%d of %d answers are longer than model.max_length = %d tokens with their prompt's last "
-                    "token and were cut at the end", cut, len(ds.conversations), cfg.model.max_length)
+        log.warning("%d of %d answers do not fit in model.max_length = %d tokens (after one prompt token) and "
+                    "were cut at the end", cut, len(ds.conversations), cfg.model.max_length)
     n = min(cfg.eval.generate_examples, len(test))
     rows = np.sort(numpy_rng(cfg.seed, "generate").choice(test, n, replace=False)) if n else test[:0]
     prompts, ids, refs = [], [], []
