@@ -147,3 +147,14 @@ def test_targets_that_match_nothing_are_one_line(tiny_chat_llama_dir, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("fedlora: error: model.targets: no linear layer matches targets ['query']; linear layers "
                           "here end in ['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj'")
+
+
+@pytest.mark.slow
+def test_compare_tabulates_and_plots_rouge_l_for_generative_runs(tiny_chat_llama_dir, tmp_path):
+    data = write_data(tmp_path)["instruction"]
+    args = run_args(tiny_chat_llama_dir, data, "instruction", tmp_path / "unused", **{"federation.rounds": 1})
+    out = tmp_path / "cmp"
+    assert main(["compare", *args[1:-1], "--methods", "fslora,hetlora", "--out", str(out), "--quiet"]) == 0
+    report = (out / "results.md").read_text()
+    assert "| method | lr | final Rouge-L |" in report and "Rouge-L on the global held-out set" in report
+    assert (out / "rouge_l_vs_round.png").is_file() and "final_rouge_l_mean" in (out / "results.csv").read_text()

@@ -114,8 +114,9 @@ def write_report(out: Path, methods: list[str], seeds: list[int]) -> Path:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    label = LABELS[name][0].upper() + LABELS[name][1:]
     lines = [
-        f"Seeds: {', '.join(map(str, seeds))}. {LABELS[name].capitalize()} on the global held-out set after the last "
+        f"Seeds: {', '.join(map(str, seeds))}. {label} on the global held-out set after the last "
         f"round{' (mean ± std over seeds)' if len(seeds) > 1 else ''}; traffic summed over all rounds and "
         f"clients{' (mean over seeds)' if len(seeds) > 1 else ''}.",
         "",
