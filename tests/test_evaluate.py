@@ -1,5 +1,5 @@
 """Evaluation of causal LMs: multiple-choice scoring with a shared prompt cache equals scoring every
-full row; FSLoRA rounds on a tiny Llama lower the answer loss; Rouge-L."""
+full row; FSLoRA rounds on a tiny Llama lower the answer loss (Rouge-L: tests/test_generation.py)."""
 
 import json
 from types import SimpleNamespace
@@ -9,7 +9,7 @@ import torch
 
 from fedlora.cli import main
 from fedlora.encoding import IGNORE, ChoiceQuestions, Encoded, encode_choices, encode_pairs
-from fedlora.evaluate import answer_logprobs, choice_logprobs, choice_metrics, rouge_l
+from fedlora.evaluate import answer_logprobs, choice_logprobs, choice_metrics
 
 
 @pytest.mark.slow
@@ -82,8 +82,3 @@ def test_choice_metrics_pick_the_best_scored_answer():
     assert m["accuracy"] == pytest.approx(2 / 3)
     assert m["loss"] == pytest.approx((1.0 + 0.5 + 4.0) / (1 + 2 + 2))
 
-
-def test_rouge_l():
-    assert rouge_l("the cat sat", "the cat sat") == 1.0
-    assert rouge_l("a b c d", "a c") == pytest.approx(2 * (2 / 4) * 1 / (2 / 4 + 1))
-    assert rouge_l("x", "y") == 0.0

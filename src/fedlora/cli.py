@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from pathlib import Path
 
-from .config import ModelConfig, TrainConfig, default_config_path, load_config, options
+from .config import ModelConfig, Task, TrainConfig, default_config_path, load_config, options
 from .errors import ConfigError
 from .strategies import METHODS
 
@@ -19,6 +20,7 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .outputs import final_line
     from .runner import run
     from .simulate import simulate_round
 
@@ -33,9 +35,18 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"reliability.min_clients={cfg.reliability.min_clients} client updates arrived valid (see "
               f"{summary['output_dir']}/metrics.jsonl); the adapter is the untrained start", file=sys.stderr)
         return 3
-    print(f"initial accuracy {summary['initial_accuracy']:.3f} -> final accuracy "
-          f"{summary['final_accuracy']:.3f} (majority class {summary['majority_accuracy']:.3f}) "
-          f"in {summary['wall_time_s']:.0f} s; results in {summary['output_dir']}")
+    print(final_line(summary))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .adapters import merge_run
+
+    run_dir, out = Path(args.run_dir), Path(args.merge)
+    if not run_dir.is_dir():
+        raise ConfigError(f"RUN_DIR: {run_dir} is not a directory")
+    merge_run(run_dir, out)
+    print(f"merged model and tokenizer written to {out}")
     return 0
 
 
@@ -132,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in the output directory from its last checkpoint (same settings; "
                    "federation.rounds may grow)")
 
+    p = _command(sub, "export", cmd_export, "merge a finished run's adapter into a full model",
+                 "Merge RUN_DIR/adapter into its base model (PEFT's merge_and_unload) and write it, with "
+                 "the base's tokenizer, as a plain transformers checkpoint that AutoModelForCausalLM (or "
+                 "AutoModelForSequenceClassification) loads.", config=False, quiet=False)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's output directory")
+    p.add_argument("--merge", required=True, metavar="OUT_DIR", help="write the merged model here (new or empty)")
+
     p = _command(sub, "compare", cmd_compare, "run several methods on the identical split, budgets and seeds",
                  "Run every method on the same data split, rank budgets and seeds, then "
                  "write results.md/results.csv (final accuracy mean ± std, traffic, time) and plots "
@@ -159,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                  out=("", "write the budgets file here"))
     p.add_argument("--devices", required=True, help="TOML file of [[device]] tables")
     p.add_argument("--model", default="builtin:smollm2", help="model name or directory (default: %(default)s)")
-    p.add_argument("--task", default="causal-lm", choices=options(ModelConfig, "task"))
+    p.add_argument("--task", default="causal-lm", choices=typing.get_args(Task))
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,up_proj,down_proj",
                    help="adapted module names (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=options(ModelConfig, "dtype"), help="base weights")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import RunConfig, config_changes, read_toml, toml_dict
 from .errors import ConfigError
+from .outputs import LABELS
 from .runner import SUMMARY, read_metrics, run
 from .simulate import simulate_round
 from .strategies import METHODS
@@ -71,19 +72,26 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
+def final_metric(summary: dict) -> tuple[str, float]:
+    """(name, value) of the metric that scores a finished run (older summaries: accuracy)."""
+    return summary.get("final_metric_name", "accuracy"), summary.get("final_metric", summary.get("final_accuracy"))
+
+
 def write_report(out: Path, methods: list[str], seeds: list[int]) -> Path:
     rows = []
+    name = "accuracy"
     for m in methods:
         runs = [read_metrics(run_dir(out, m, s)) for s in seeds]
         sums = [json.loads((run_dir(out, m, s) / SUMMARY).read_text()) for s in seeds]
-        acc_mean, acc_std = mean_std([s["final_accuracy"] for s in sums])
+        name = final_metric(sums[0])[0]
+        acc_mean, acc_std = mean_std([final_metric(s)[1] for s in sums])
         lr = read_toml(run_dir(out, m, seeds[0]) / "config.toml")["train"]["lr"]
         rows.append({
             "method": m,
             "lr": lr,
-            "final_accuracy_mean": acc_mean,
-            "final_accuracy_std": acc_std,
-            "initial_accuracy": statistics.fmean(s["initial_accuracy"] for s in sums),
+            f"final_{name}_mean": acc_mean,
+            f"final_{name}_std": acc_std,
+            f"initial_{name}": statistics.fmean(s.get("initial_metric", s.get("initial_accuracy")) for s in sums),
             "upload_MB": statistics.fmean(sum(r.get("bytes_up", 0) for r in rs) for rs in runs) / 1e6,
             "download_MB": statistics.fmean(sum(r.get("bytes_down", 0) for r in rs) for rs in runs) / 1e6,
             "wall_time_s": statistics.fmean(s["wall_time_s"] for s in sums),
@@ -92,19 +100,20 @@ def write_report(out: Path, methods: list[str], seeds: list[int]) -> Path:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    label = LABELS[name][0].upper() + LABELS[name][1:]
     lines = [
-        f"Seeds: {', '.join(map(str, seeds))}. Accuracy on the global held-out set after the last "
+        f"Seeds: {', '.join(map(str, seeds))}. {label} on the global held-out set after the last "
         f"round{' (mean ± std over seeds)' if len(seeds) > 1 else ''}; traffic summed over all rounds and "
         f"clients{' (mean over seeds)' if len(seeds) > 1 else ''}.",
         "",
-        "| method | lr | final accuracy | upload (MB) | download (MB) | wall time (s) |",
+        f"| method | lr | final {LABELS[name]} | upload (MB) | download (MB) | wall time (s) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        spread = f" ± {r['final_accuracy_std']:.3f}" if len(seeds) > 1 else ""  # no spread of one draw
-        lines.append(f"| {r['method']} | {r['lr']:g} | {r['final_accuracy_mean']:.3f}{spread} "
+        spread = f" ± {r[f'final_{name}_std']:.3f}" if len(seeds) > 1 else ""  # no spread of one draw
+        lines.append(f"| {r['method']} | {r['lr']:g} | {r[f'final_{name}_mean']:.3f}{spread} "
                      f"| {r['upload_MB']:.2f} | {r['download_MB']:.2f} | {r['wall_time_s']:.0f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    plot_curves({m: [run_dir(out, m, s) for s in seeds] for m in methods}, seeds, out)
+    plot_curves({m: [run_dir(out, m, s) for s in seeds] for m in methods}, seeds, out, name)
     return out / "results.md"
 

@@ -1,5 +1,5 @@
-"""Text -> token tensors: classification rows, prompt -> answer rows with the loss on the
-answer only, multiple-choice questions; and the batches training and evaluation draw."""
+"""Text -> token tensors: classification rows, prompt -> answer rows and conversations with the
+loss on the answers only, multiple-choice questions; and the batches training and evaluation draw."""
 
 from __future__ import annotations
 
@@ -63,6 +63,85 @@ def encode_pairs(tokenizer, prompts: Sequence[str], answers: Sequence[str], max_
     ids, mask = _right_pad(rows, _pad_id(tokenizer))
     lab, _ = _right_pad(labels, IGNORE)
     return Encoded(ids, mask, lab)
+
+
+def encode_conversations(tokenizer, convs: Sequence[list[dict]], max_length: int) -> tuple[Encoded, int]:
+    """Token ids of each conversation with labels on its assistant turns only; and how many
+    final answers were longer than ``max_length`` and lost their end.
+
+    A conversation that does not fit loses its start (earlier turns, then the prompt): its last
+    answer is kept whole when it fits with one token before it.
+    """
+    rows, labels, cut = [], [], 0
+    for conv in convs:
+        ids, is_answer = conversation_tokens(tokenizer, conv)
+        last = max(i for i, a in enumerate(is_answer) if a) + 1  # the last answer: [first, last)
+        first = last
+        while first > 0 and is_answer[first - 1]:
+            first -= 1
+        if last - first > max_length - 1:  # the answer alone does not fit: keep its beginning
+            last, cut = first + max_length - 1, cut + 1
+        start = max(0, last - max_length)
+        rows.append(ids[start:last])
+        labels.append([t if a else IGNORE for t, a in zip(ids[start:last], is_answer[start:last])])
+    ids, mask = _right_pad(rows, _pad_id(tokenizer))
+    lab, _ = _right_pad(labels, IGNORE)
+    return Encoded(ids, mask, lab), cut
+
+
+def conversation_tokens(tokenizer, conv: list[dict]) -> tuple[list[int], list[bool]]:
+    """The conversation's token ids and, per token, whether it belongs to an assistant turn.
+
+    With a chat template, each assistant turn is the text between the rendering of the
+    conversation before it (with the generation prompt) and the rendering up to it, so the
+    template's own end-of-turn marker is part of the answer and nothing about the template is
+    guessed; tokens are those of the whole rendering. Without one, only a user -> assistant pair
+    is possible: ``prompt + "\n"``, then ``answer + eos``.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        if [m["role"] for m in conv] != ["user", "assistant"]:
+            raise ConfigError("data.format: this tokenizer has no chat template, so only one user -> assistant "
+                              f"pair per row is possible; got roles {[m['role'] for m in conv]}")
+        p = tokenizer(render_prompt(tokenizer, conv[0]["content"]), add_special_tokens=False)["input_ids"]
+        a = _answer_ids(tokenizer, conv[1]["content"])
+        return p + a, [False] * len(p) + [True] * len(a)
+    full = _render(tokenizer, conv)
+    spans = []  # (start, end) characters of every assistant turn
+    for i, m in enumerate(conv):
+        if m["role"] == "assistant":
+            before, upto = _render(tokenizer, conv[:i], True), _render(tokenizer, conv[:i + 1])
+            if not (upto.startswith(before) and full.startswith(upto)):
+                raise ConfigError("data.format: the tokenizer's chat template does not render a conversation's "
+                                  "beginning as the beginning of its rendering; its assistant turns cannot be found")
+            spans.append((len(before), len(upto)))
+    try:  # a fast tokenizer: the characters of every token
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        starts = [s for s, _ in enc["offset_mapping"]]
+        ids = enc["input_ids"]
+    except NotImplementedError:  # count the tokens of each boundary's prefix instead
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        bounds = {c: len(tokenizer(full[:c], add_special_tokens=False)["input_ids"]) for span in spans for c in span}
+        return ids, [any(bounds[s] <= t < bounds[e] for s, e in spans) for t in range(len(ids))]
+    return ids, [any(s <= c < e for s, e in spans) for c in starts]
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja2's TemplateError (e.g. a template that refuses a system turn): one line
+        raise ConfigError(f"data.format: the chat template cannot render a conversation: {e}") from None
+
+
+def generation_prompt(tokenizer, conv: list[dict], max_length: int) -> tuple[list[int], str]:
+    """The prompt of the conversation's last answer, as token ids cut from the left to ``max_length``,
+    and its reference (the answer's text)."""
+    last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+    if getattr(tokenizer, "chat_template", None):
+        text = _render(tokenizer, conv[:last], True)
+    else:
+        text = render_prompt(tokenizer, conv[0]["content"])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[max(0, len(ids) - max_length):], conv[last]["content"]
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Evaluating a model: classification accuracy, multiple-choice log-likelihood, generation.
+"""Evaluating a model: classification accuracy, multiple-choice log-likelihood, answer-token loss
+(generation and its scores: :mod:`fedlora.generation`).
 
 Everything here runs under ``torch.inference_mode`` (no autograd state is kept) on a model
 whose adapters are already loaded, on the device the model lives on.
@@ -8,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 from .device import to_device
-from .encoding import IGNORE, ChoiceQuestions, render_prompt
+from .encoding import IGNORE, ChoiceQuestions
 
 
 def _device(model) -> torch.device:
@@ -35,6 +37,23 @@ def classification_metrics(model, batches: Iterable[dict[str, Tensor]]) -> dict[
         correct += (logits.argmax(-1) == labels).sum().item()
         count += len(labels)
     return {"accuracy": correct / max(count, 1), "loss": loss_sum / max(count, 1)}
+
+
+@torch.inference_mode()
+def answer_loss_metrics(model, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
+    """Mean cross-entropy of a causal LM over every labelled (answer) token, and its perplexity."""
+    model.eval()
+    device = _device(model)
+    loss_sum, count = 0.0, 0
+    for batch in batches:
+        batch = to_device(batch, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        loss_sum += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                                      ignore_index=IGNORE, reduction="sum").item()
+        count += int((targets != IGNORE).sum())
+    loss = loss_sum / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
 
 def answer_logprobs(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
@@ -94,37 +113,3 @@ def choice_metrics(scores: Tensor, questions: ChoiceQuestions) -> dict[str, floa
     tokens = sum(len(questions.answers[g]) for g in gold.tolist())
     return {"accuracy": (scores.argmax(1) == gold).float().mean().item(),
             "loss": -scores[torch.arange(len(gold)), gold].sum().item() / tokens}
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """Rouge-L F1 on whitespace tokens (longest common subsequence)."""
-    p, r = prediction.split(), reference.split()
-    if not p or not r:
-        return float(p == r)
-    prev = [0] * (len(r) + 1)
-    for x in p:
-        cur = [0]
-        for j, y in enumerate(r):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
-@torch.no_grad()
-def generation_scores(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
-                      max_new_tokens: int = 16) -> dict[str, float]:
-    """Exact match and Rouge-L of greedy generations against reference answers."""
-    em, rl = 0.0, 0.0
-    for prompt, answer in zip(prompts, answers):
-        ids = tokenizer(render_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        em += float(text.lower() == answer.strip().lower())
-        rl += rouge_l(text.lower(), answer.strip().lower())
-    n = max(len(prompts), 1)
-    return {"exact_match": em / n, "rouge_l": rl / n}

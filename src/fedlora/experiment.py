@@ -7,6 +7,7 @@ these functions; neither knows how the other carries a round.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -16,25 +17,40 @@ import torch
 from .budgets import client_budgets
 from .client import local_train, round_lr
 from .config import RunConfig
-from .data import TextDataset, load_text_dataset, split_clients, subsample
+from .data import ChatDataset, Dataset, load_dataset, split_clients, subsample
 from .device import autocast, resolve_device
 from .encoding import (
     ChoiceQuestions,
     Encoded,
     encode_choices,
     encode_classification,
+    encode_conversations,
     encode_pairs,
     eval_batches,
+    generation_prompt,
     train_batches,
 )
 from .errors import ConfigError
-from .evaluate import choice_logprobs, choice_metrics, classification_metrics
+from .evaluate import answer_loss_metrics, choice_logprobs, choice_metrics, classification_metrics
+from .generation import generate, generation_metrics
 from .lora import LoRAModel
 from .models import load_model
-from .seeding import derive_seed, torch_generator
+from .seeding import derive_seed, numpy_rng, torch_generator
 from .server import FederatedServer
-from .strategies import build_strategy
+from .strategies import build_strategy, get_method
 from .types import ClientTask, ClientUpdate
+
+log = logging.getLogger("fedlora.experiment")
+SAMPLES = 20  # (prompt, reference, generation) triples an evaluation hands back to be written
+
+
+@dataclass
+class GenerationSet:
+    """Held-out prompts that the global model answers by greedy generation at every evaluation."""
+
+    prompts: list[str]  # readable: the conversation before the answer
+    prompt_ids: list[list[int]]  # what the model is given (the chat template applied)
+    references: list[str]
 
 
 @dataclass
@@ -45,6 +61,11 @@ class FederatedData:
     label_names: list[str]
     # causal-lm: the test prompts as multiple-choice questions over the label words
     questions: ChoiceQuestions | None = None
+    generation: GenerationSet | None = None  # generative formats: prompts answered at every evaluation
+
+    @property
+    def generative(self) -> bool:
+        return self.generation is not None
 
     def test_labels(self) -> np.ndarray:
         gold = self.questions.gold if self.questions is not None else self.encoded.labels[self.test]
@@ -60,6 +81,7 @@ class Experiment:
     data: FederatedData
     budgets: list[int]
     server: FederatedServer
+    tokenizer: object = None
 
 
 def clients_per_round(cfg: RunConfig) -> int:
@@ -67,8 +89,10 @@ def clients_per_round(cfg: RunConfig) -> int:
     return fed.clients_per_round or max(1, math.ceil(fed.fraction * n))
 
 
-def build_data(cfg: RunConfig, ds: TextDataset, tokenizer) -> FederatedData:
+def build_data(cfg: RunConfig, ds: Dataset, tokenizer) -> FederatedData:
     clients, test = split_clients(ds, cfg.data, cfg.seed)
+    if isinstance(ds, ChatDataset):
+        return build_chat_data(cfg, ds, tokenizer, clients, test)
     if cfg.model.task == "classification":
         encoded = encode_classification(tokenizer, ds.texts, ds.labels, cfg.model.max_length)
         return FederatedData(encoded=encoded, clients=clients, test=test, label_names=ds.label_names)
@@ -84,10 +108,32 @@ def build_data(cfg: RunConfig, ds: TextDataset, tokenizer) -> FederatedData:
     return FederatedData(encoded=encoded, clients=clients, test=test, label_names=names, questions=questions)
 
 
+def build_chat_data(cfg: RunConfig, ds: ChatDataset, tokenizer, clients: list[np.ndarray],
+                    test: np.ndarray) -> FederatedData:
+    """Conversations with the loss on their answers; ``eval.generate_examples`` held-out prompts."""
+    encoded, cut = encode_conversations(tokenizer, ds.conversations, cfg.model.max_length)
+    if cut:
+        log.warning("%d of %d answers do not fit in model.max_length = %d tokens (after one prompt token) and "
+                    "were cut at the end", cut, len(ds.conversations), cfg.model.max_length)
+    n = min(cfg.eval.generate_examples, len(test))
+    rows = np.sort(numpy_rng(cfg.seed, "generate").choice(test, n, replace=False)) if n else test[:0]
+    prompts, ids, refs = [], [], []
+    for i in rows:
+        conv = ds.conversations[i]
+        p, ref = generation_prompt(tokenizer, conv, cfg.model.max_length)
+        before = conv[:max(j for j, m in enumerate(conv) if m["role"] == "assistant")]
+        prompts.append(before[-1]["content"] if len(before) == 1 else
+                       "\n".join(f"{m['role']}: {m['content']}" for m in before))
+        ids.append(p)
+        refs.append(ref)
+    return FederatedData(encoded=encoded, clients=clients, test=test, label_names=ds.label_names,
+                         generation=GenerationSet(prompts, ids, refs))
+
+
 def build_experiment(cfg: RunConfig) -> Experiment:
     """Data, model (on ``train.device``), budgets and server, from ``cfg``."""
     device = resolve_device(cfg.train.device)
-    ds = subsample(load_text_dataset(cfg.data), cfg.data.max_examples, cfg.seed)
+    ds = subsample(load_dataset(cfg.data), cfg.data.max_examples, cfg.seed)
     loaded = load_model(cfg.model, len(ds.label_names), cfg.seed, device, cfg.train.precision)
     data = build_data(cfg, ds, loaded.tokenizer)
     try:
@@ -98,11 +144,15 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     s = cfg.strategy
     strategy = build_strategy(s.name, lm.shapes(), budgets, cfg.seed, s.global_rank, s.alpha, s.rslora,
                               s.method_settings())
+    if cfg.model.init_adapter:
+        from .adapters import start_from_adapter
+
+        start_from_adapter(strategy, get_method(s.name), cfg.model.init_adapter, lm)
     server = FederatedServer(
         strategy, lm.head_state(), budgets, [len(c) for c in data.clients],
         fingerprint=lm.fingerprint, min_clients=cfg.reliability.min_clients,
         privacy=cfg.privacy, seed=cfg.seed, per_round=clients_per_round(cfg), weighting=s.weighting)
-    return Experiment(cfg, lm, data, budgets, server)
+    return Experiment(cfg, lm, data, budgets, server, loaded.tokenizer)
 
 
 def train_client(exp: Experiment, rnd: int, cid: int, task: ClientTask) -> ClientUpdate:
@@ -115,17 +165,30 @@ def train_client(exp: Experiment, rnd: int, cid: int, task: ClientTask) -> Clien
                        lr=round_lr(train, rnd, cfg.federation.rounds))
 
 
-def evaluate_global(exp: Experiment) -> dict[str, float]:
-    """Accuracy and loss of the global model on the held-out set (for a causal LM: accuracy
-    of picking the right label by log-likelihood, and the answer-token loss)."""
-    return evaluate_task(exp, exp.server.global_task())
+def evaluate_global(exp: Experiment, samples: list[dict] | None = None) -> dict[str, float]:
+    """The global model on the held-out set. A classifier: accuracy and loss. A causal LM on labels:
+    accuracy of picking the right label by log-likelihood, and the answer-token loss. A generative
+    format: answer-token loss and perplexity, then Rouge-L and exact match of greedy generations
+    (``samples``, when given, receives up to 20 (prompt, reference, generation) triples)."""
+    return evaluate_task(exp, exp.server.global_task(), samples)
 
 
-def evaluate_task(exp: Experiment, task: ClientTask) -> dict[str, float]:
+def evaluate_task(exp: Experiment, task: ClientTask, samples: list[dict] | None = None) -> dict[str, float]:
     """The same, of the model ``task`` describes (e.g. one client's own model)."""
     exp.lm.load(task)
     batch_size = exp.cfg.federation.eval_batch_size
+    data = exp.data
     with autocast(exp.lm.device, exp.cfg.train.precision):
-        if exp.data.questions is None:
-            return classification_metrics(exp.lm.model, eval_batches(exp.data.encoded, exp.data.test, batch_size))
-        return choice_metrics(choice_logprobs(exp.lm.model, exp.data.questions, batch_size), exp.data.questions)
+        if data.generative:
+            metrics = answer_loss_metrics(exp.lm.model, eval_batches(data.encoded, data.test, batch_size))
+            gen, ev = data.generation, exp.cfg.eval
+            if gen.prompt_ids:
+                outputs = generate(exp.lm.model, exp.tokenizer, gen.prompt_ids, ev.max_new_tokens, ev.batch_size)
+                metrics.update(generation_metrics(outputs, gen.references))
+                if samples is not None:
+                    samples.extend({"prompt": p, "reference": r, "generation": o}
+                                   for p, r, o in list(zip(gen.prompts, gen.references, outputs))[:SAMPLES])
+            return metrics
+        if data.questions is None:
+            return classification_metrics(exp.lm.model, eval_batches(data.encoded, data.test, batch_size))
+        return choice_metrics(choice_logprobs(exp.lm.model, data.questions, batch_size), data.questions)

@@ -28,14 +28,15 @@ def merged_factors(task: ClientTask) -> LoRAState:
 
 
 def save_peft_adapter(task: ClientTask, out_dir: Path, base_model: str, alpha: float,
-                      fan_in_fan_out: bool = False) -> Path:
+                      fan_in_fan_out: bool = False, task_type: str | None = None) -> Path:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``out_dir``.
 
     The rank is the merged rank; ``B`` is rescaled so PEFT's ``alpha / r`` reproduces
     the global model exactly. Head parameters go under their own names
     (``modules_to_save``), as PEFT writes them. ``fan_in_fan_out``: the adapted layers store
     their weight transposed (GPT-2's Conv1D); the factors themselves are the same. The folder
-    is written beside ``out_dir`` and renamed over it: whole or not at all.
+    is written beside ``out_dir`` and renamed over it: whole or not at all. ``task_type``:
+    PEFT's (CAUSAL_LM, SEQ_CLS), so ``AutoPeftModelFor...`` loads the right model class.
     """
     factors = merged_factors(task)
     rank = max([1, *(f.rank for f in factors.values())])  # PEFT needs r >= 1
@@ -51,7 +52,7 @@ def save_peft_adapter(task: ClientTask, out_dir: Path, base_model: str, alpha: f
         tensors[PEFT_PREFIX + name] = t.contiguous()
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": base_model,
         "r": rank,
         "lora_alpha": alpha,

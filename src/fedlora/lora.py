@@ -181,11 +181,15 @@ class LoRAModel:
         for name, layer in self.layers.items():
             layer.set_factors(task.factors[name], task.scale, task.freeze_A)
             layer.set_delta(task.base_delta.get(name))
-        with torch.no_grad():
-            for n, t in task.head.items():
-                self._head[n].copy_(t)
+        self.load_head(task.head)
         for p in self._head.values():
             p.requires_grad_(train_head)
+
+    def load_head(self, head: dict[str, Tensor]) -> None:
+        """Copy ``head``'s tensors into the head parameters of the same names."""
+        with torch.no_grad():
+            for n, t in head.items():
+                self._head[n].copy_(t)
 
     def factors(self) -> LoRAState:
         return {n: layer.factors() for n, layer in self.layers.items()}

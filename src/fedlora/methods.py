@@ -57,6 +57,9 @@ class Method:
         exact: settings -> True when the new global adapter is, by construction, the weighted
             mean ``Σ p_i M_i`` of the clients' trained adapters (its ``fidelity`` diagnostic is
             0 up to rounding; see :mod:`fedlora.diagnostics`).
+        one_pair: the global adapter is one LoRA pair, the strategy's ``factors`` at its
+            ``scale`` (nothing else until the first round), so training can start from an
+            existing adapter (``model.init_adapter``).
     """
 
     name: str
@@ -66,6 +69,7 @@ class Method:
     dp_blocker: Callable[[Any], str | None] = _no_dp
     respects_budgets: bool = True
     exact: Callable[[Any], bool] = _inexact
+    one_pair: bool = False
 
     def default_settings(self) -> Any:
         return self.settings() if self.settings is not None else None

@@ -151,13 +151,14 @@ def load_model(cfg: ModelConfig, num_labels: int, seed: int, device: torch.devic
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
         pooling = cfg.pooling if cfg.pooling != "auto" else (
             "mean" if uses_mean_pooling(path) else "cls")
-        if cfg.task == "classification" and pooling == "mean":
+        classifier = cfg.task != "causal-lm"  # "auto" outside a RunConfig: the default data format's task
+        if classifier and pooling == "mean":
             from transformers import AutoModel
 
             model = MeanPoolClassifier(AutoModel.from_pretrained(path, **common, **weights), num_labels)
             model.classifier.to(device=device, dtype=weights["dtype"])
             head = ["classifier.bias", "classifier.weight"]
-        elif cfg.task == "classification":
+        elif classifier:
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=num_labels, output_loading_info=True, **common, **weights)
             head = sorted(info["missing_keys"])

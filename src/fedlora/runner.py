@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
+from .adapters import peft_task_type
 from .atomic import write_atomic
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .config import RunConfig, to_toml
@@ -24,6 +24,8 @@ from .experiment import Experiment, build_experiment, evaluate_global
 from .export import save_peft_adapter
 from .models import resolve_model_path
 from .outdir import SUMMARY, check_resume, output_lock, prepare_output_dir
+from .outputs import progress_fields, summary, write_generations
+from .tracking import Trackers
 
 RoundFn = Callable[[Experiment, int], dict]
 FINISHED, NO_ROUND_AGGREGATED = "finished", "no_round_aggregated"  # summary.json's "status"
@@ -81,12 +83,17 @@ def _run(cfg: RunConfig, round_fn: RoundFn, out: Path, overwrite: bool, progress
     write_clients(exp, out)
     fed, rel = cfg.federation, cfg.reliability
     done = 0 if fresh else restore(exp, out)
+    trackers = Trackers(cfg, out, fresh=done == 0)
     if done == 0:
-        _append(out, {"round": 0, **{f"eval_{k}": v for k, v in evaluate_global(exp).items()},
-                      "wall_time_s": time.perf_counter() - start})
+        samples: list[dict] = []
+        row = {"round": 0, **{f"eval_{k}": v for k, v in evaluate_global(exp, samples).items()},
+               "wall_time_s": time.perf_counter() - start}
+        _append(out, row)
+        trackers.log(row)
+        write_generations(out, 0, samples, first=True)
     rows = read_metrics(out)
     initial = eval_metrics(rows[0])
-    last_eval = next(eval_metrics(r) for r in reversed(rows) if "eval_accuracy" in r)
+    last_eval = next(eval_metrics(r) for r in reversed(rows) if "eval_loss" in r)
     bar = tqdm(range(done + 1, fed.rounds + 1), desc=f"{cfg.strategy.name}", unit="round",
                disable=not progress, dynamic_ncols=True, initial=done, total=fed.rounds)
     for rnd in bar:
@@ -94,26 +101,27 @@ def _run(cfg: RunConfig, round_fn: RoundFn, out: Path, overwrite: bool, progress
         reset_gpu_peak(exp.lm.device)
         metrics = round_fn(exp, rnd)
         if rnd % fed.eval_every == 0 or rnd == fed.rounds:
-            last_eval = evaluate_global(exp)
+            samples = []
+            last_eval = evaluate_global(exp, samples if rnd == fed.rounds else None)
             metrics.update({f"eval_{k}": v for k, v in last_eval.items()})
+            write_generations(out, rnd, samples, first=False)
         if (peak := gpu_peak_gib(exp.lm.device)) is not None:
             metrics["gpu_peak_gib"] = peak
         metrics["wall_time_s"] = time.perf_counter() - t0
         _append(out, {"round": rnd, **metrics})
+        trackers.log({"round": rnd, **metrics})
         if rel.checkpoint_every and (rnd % rel.checkpoint_every == 0 or rnd == fed.rounds):
             save_checkpoint(out / "checkpoints", rnd, {"round": rnd, "server": exp.server.state_dict(),
                                                        "budgets": exp.budgets}, keep=rel.keep_checkpoints)
-        bar.set_postfix(loss=f"{metrics.get('train_loss', float('nan')):.3f}", acc=f"{last_eval['accuracy']:.3f}")
+        bar.set_postfix(loss=f"{metrics.get('train_loss', float('nan')):.3f}", **progress_fields(last_eval))
+    trackers.close()
     save_peft_adapter(exp.server.global_task(), out / "adapter", resolve_model_path(cfg.model), cfg.strategy.alpha,
-                      exp.lm.fan_in_fan_out)
-    labels = exp.data.test_labels()
-    summary = {"initial_accuracy": initial["accuracy"], "final_accuracy": last_eval["accuracy"],
-               "final_loss": last_eval["loss"], "majority_accuracy": float(np.bincount(labels).max() / len(labels)),
-               "wall_time_s": time.perf_counter() - start, "output_dir": str(out)}
+                      exp.lm.fan_in_fan_out, peft_task_type(cfg.model.task, exp.lm.model))
+    result = summary(exp, initial, last_eval, time.perf_counter() - start, out)
     aggregated = sum(r["round"] > 0 and not r.get("skipped") for r in read_metrics(out))
-    summary.update(status=FINISHED if aggregated else NO_ROUND_AGGREGATED, rounds_aggregated=aggregated)
-    write_atomic(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
-    return summary
+    result.update(status=FINISHED if aggregated else NO_ROUND_AGGREGATED, rounds_aggregated=aggregated)
+    write_atomic(out / SUMMARY, json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def write_clients(exp: Experiment, out: Path) -> None:

@@ -5,6 +5,7 @@ can print one line and exit 2 instead of a traceback.
 """
 
 from ..errors import ConfigError
+from .guards import PrivacyConfig, ReliabilityConfig
 from .loader import (
     apply_overrides,
     config_changes,
@@ -18,15 +19,18 @@ from .loader import (
     toml_dict,
 )
 from .schema import (
+    FORMAT_FIELDS,
     BudgetConfig,
     DataConfig,
+    DataFormat,
     Distribution,
+    EvalConfig,
     FederationConfig,
+    LogConfig,
     ModelConfig,
-    PrivacyConfig,
-    ReliabilityConfig,
     RunConfig,
     StrategyConfig,
+    Task,
     TrainConfig,
 )
 
@@ -35,4 +39,5 @@ __all__ = [
     "parse_override", "read_toml", "to_toml", "toml_dict", "BudgetConfig", "DataConfig", "Distribution",
     "FederationConfig", "ModelConfig", "PrivacyConfig", "ReliabilityConfig", "RunConfig", "StrategyConfig",
     "TrainConfig",
+    "FORMAT_FIELDS", "DataFormat", "EvalConfig", "LogConfig", "Task",
 ]

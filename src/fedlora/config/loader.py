@@ -1,9 +1,9 @@
 """TOML -> :class:`RunConfig` (type-checked, ``key=value`` overrides applied) and back.
 
 The loader is generic over dataclasses: ``int``/``float``/``bool``/``str``, lists,
-``Literal`` option lists, nested tables and optional ones (``X | None``); a field without a
-default is a required key. A method's ``[strategy.<name>]`` table is read with the
-dataclass its registry record names.
+``Literal`` option lists, tables of one value type (``dict[str, str]``), nested tables and
+optional ones (``X | None``); a field without a default is a required key. A method's
+``[strategy.<name>]`` table is read with the dataclass its registry record names.
 """
 
 from __future__ import annotations
@@ -92,6 +92,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value not in options or isinstance(value, bool):
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, options))}; got {value!r}")
         return value
+    if origin is dict:  # a table of one value type, e.g. data.columns
+        _, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return {k: _coerce(value_tp, v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):

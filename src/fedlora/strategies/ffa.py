@@ -59,4 +59,5 @@ class FFASettings:
 
 METHOD = Method("ffa", lambda c: FFALoRA(c.shapes, c.budgets, c.alpha, c.seed, c.rslora, c.settings.aggregate),
                 first_line(__doc__), settings=FFASettings,
-                exact=lambda s: s.aggregate == "factors")  # Σ p_i pad(B_i) A = Σ p_i B_i A[:r_i]
+                exact=lambda s: s.aggregate == "factors",  # Σ p_i pad(B_i) A = Σ p_i B_i A[:r_i]
+                one_pair=True)

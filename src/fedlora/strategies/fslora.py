@@ -117,4 +117,5 @@ def _dp_blocker(s: FSLoRASettings) -> str | None:
     return None if s.server_optimizer == "sgd" else "DP noise needs [strategy.fslora] server_optimizer = \"sgd\""
 
 
-METHOD = Method("fslora", _build, first_line(__doc__), settings=FSLoRASettings, dp_blocker=_dp_blocker)
+METHOD = Method("fslora", _build, first_line(__doc__), settings=FSLoRASettings, dp_blocker=_dp_blocker,
+                one_pair=True)

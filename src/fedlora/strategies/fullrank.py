@@ -13,4 +13,4 @@ from .factor_average import FactorAverage
 
 METHOD = Method(
     "fullrank", lambda c: FactorAverage(c.shapes, c.global_rank, c.alpha, c.seed, c.rslora, name="fullrank"),
-    first_line(__doc__), respects_budgets=False)
+    first_line(__doc__), respects_budgets=False, one_pair=True)

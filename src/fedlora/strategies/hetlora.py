@@ -74,4 +74,4 @@ def _build(c: BuildContext) -> HetLoRA:
     return HetLoRA(c.shapes, c.budgets, c.alpha, c.seed, c.rslora, s.norm_weighted, s.aggregate)
 
 
-METHOD = Method("hetlora", _build, first_line(__doc__), settings=HetLoRASettings)
+METHOD = Method("hetlora", _build, first_line(__doc__), settings=HetLoRASettings, one_pair=True)

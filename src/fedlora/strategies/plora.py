@@ -104,4 +104,4 @@ def _build(c: BuildContext) -> FedPLoRA:
     return FedPLoRA(c.shapes, c.global_rank, c.alpha, c.seed, c.rslora, s.module_weights)
 
 
-METHOD = Method("plora", _build, first_line(__doc__), settings=PLoRASettings)
+METHOD = Method("plora", _build, first_line(__doc__), settings=PLoRASettings, one_pair=True)

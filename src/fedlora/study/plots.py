@@ -26,14 +26,15 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def plot_curves(runs: Mapping[str, list[Path]], seeds: list[int], out: Path,
+def plot_curves(runs: Mapping[str, list[Path]], seeds: list[int], out: Path, metric: str = "accuracy",
                 lines: Mapping[str, float] | None = None) -> None:
-    """``out``/accuracy_vs_round.png and accuracy_vs_upload.png: each method's accuracy
+    """``out``/<metric>_vs_round.png and <metric>_vs_upload.png: each method's held-out ``metric``
     (mean over its runs, one per seed, with the seeds' spread) against round and upload.
 
     Args:
         runs: method -> its run directories, one per seed in ``seeds`` order.
         lines: reference lines drawn level across both plots: name -> final accuracy.
+        metric: an ``eval_*`` key of metrics.jsonl without the prefix (accuracy, rouge_l, loss).
     """
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
@@ -47,8 +48,8 @@ def plot_curves(runs: Mapping[str, list[Path]], seeds: list[int], out: Path,
             pts = []
             for r in rows:
                 up += r.get("bytes_up", 0.0)
-                if "eval_accuracy" in r:
-                    pts.append((r["round"], up / 1e6, r["eval_accuracy"]))
+                if f"eval_{metric}" in r:
+                    pts.append((r["round"], up / 1e6, r[f"eval_{metric}"]))
             curves.append(pts)
         n = min(len(c) for c in curves)
         rounds = [curves[0][i][0] for i in range(n)]
@@ -66,11 +67,11 @@ def plot_curves(runs: Mapping[str, list[Path]], seeds: list[int], out: Path,
     title = f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
     for ax, xlabel in ((ax_r, "round"), (ax_b, "cumulative upload (MB, all clients)")):
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("global test accuracy")
+        ax.set_ylabel(f"global test {metric.replace('_', '-')}")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for fig, name in ((fig_r, "accuracy_vs_round.png"), (fig_b, "accuracy_vs_upload.png")):
+    for fig, name in ((fig_r, f"{metric}_vs_round.png"), (fig_b, f"{metric}_vs_upload.png")):
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)

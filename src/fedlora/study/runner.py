@@ -63,7 +63,9 @@ def missing_runs(study: Study, out: Path) -> list[Path]:
 # -- what the finished runs hold -------------------------------------------------------
 
 def final_accuracy(d: Path) -> float:
-    return json.loads((d / SUMMARY).read_text())["final_accuracy"]
+    """The run's headline metric (accuracy for classification; see :mod:`fedlora.outputs`)."""
+    s = json.loads((d / SUMMARY).read_text())
+    return s.get("final_metric", s.get("final_accuracy"))
 
 
 def chosen_lrs(study: Study, out: Path, task: str) -> dict[str, float]:

@@ -39,7 +39,7 @@ def task_section(study: Study, out: Path, task: str, img: Path) -> tuple[list[st
     refs = task_results(study, out, task, study.references) if study.references else []
     ours = next(r for r in results if r.method == study.reference)
     runs = {m: [run_dir(d, m, s) for s in study.seeds] for m in study.methods}
-    plot_curves(runs, study.seeds, d, {r.method: r.mean for r in refs})
+    plot_curves(runs, study.seeds, d, lines={r.method: r.mean for r in refs})
     for png in ("accuracy_vs_round.png", "accuracy_vs_upload.png"):  # redrawn from the runs, like the tables
         shutil.copyfile(d / png, img / f"{task}_{png}")
     curves = {m: [curve(x) for x in dirs] for m, dirs in runs.items()}
