@@ -33,4 +33,4 @@ def test_shipped_study_file_is_valid(path):
 
 
 def test_the_study_files_are_found():
-    assert {"study.toml", "llm.toml", "topics_own_sweep.toml"} <= {p.name for p in STUDIES}
+    assert {"study.toml", "llm.toml", "full.toml"} <= {p.name for p in STUDIES}

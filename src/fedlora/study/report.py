@@ -12,7 +12,16 @@ from ..errors import ConfigError
 from ..strategies import METHODS
 from .plots import plot_ablation
 from .references import LINES
-from .runner import ablation_accuracies, chosen_lrs, expected_runs, final_accuracy, missing_runs, read_timing, sweep_dir
+from .runner import (
+    ablation_accuracies,
+    chosen_lrs,
+    expected_runs,
+    final_accuracy,
+    missing_runs,
+    read_timing,
+    sweep_dir,
+    swept,
+)
 from .spec import Study
 from .stats import ALPHA
 from .task_report import TIE, _rel, _table, task_section
@@ -141,16 +150,17 @@ def _sweep_section(study: Study, out: Path, task: str) -> list[str]:
              f"Every method and reference line ran with each rate on `{task}` with seed {s.seed}, which is not "
              "reported below: it draws its own client split and held-out sample (from the same pool, so some "
              "held-out examples can also be in the reported seeds' held-out sets). Each keeps the rate with its "
-             "best final accuracy (ties: the smaller rate) for this task and its ablations.", ""]
+             "best final accuracy (ties: the smaller rate) for this task and its ablations."
+             + (" The `local` line takes the `centralised` line's rate." if "local" in study.references else ""), ""]
     grid = [("method", *(f"lr={lr:g}" for lr in s.lrs), "chosen")]
     edges = (min(s.lrs), max(s.lrs)) if len(s.lrs) > 1 else ()
-    for m in study.methods + study.references:
+    for m in swept(study):
         cells = []
         for lr in s.lrs:
             acc = final_accuracy(run_dir(sweep_dir(out, task, lr), m, s.seed))
             cells.append(f"**{acc:.3f}**" if lr == lrs[m] else f"{acc:.3f}")
         grid.append((m, *cells, f"{lrs[m]:g}" + (" (edge)" if lrs[m] in edges else "")))
-    at_edge = [m for m in study.methods + study.references if lrs[m] in edges]
+    at_edge = [m for m in swept(study) if lrs[m] in edges]
     note = (["", f"**(edge)**: {', '.join(f'`{m}`' for m in at_edge)} chose the smallest or largest rate of the "
              "grid, so a rate outside it may do better: widen `sweep.lrs` before reading much into "
              f"{'its' if len(at_edge) == 1 else 'their'} results."] if at_edge else [])

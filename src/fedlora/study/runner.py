@@ -44,12 +44,18 @@ def variant_dir(out: Path, ablation: Ablation, variant: Variant) -> Path:
     return out / "ablations" / ablation.name / variant.label
 
 
+def swept(study: Study) -> list[str]:
+    """What the sweep runs: every method and the centralised line; the local-only line trains the
+    same LoRA on less data, and takes the centralised line's rate (or the task's without it)."""
+    return study.methods + [r for r in study.references if r != "local"]
+
+
 def expected_runs(study: Study, out: Path) -> list[Path]:
     """Every run directory the study is made of, in the order they run."""
     dirs, entries = [], study.methods + study.references
     if study.sweep is not None:
         dirs += [run_dir(sweep_dir(out, t, lr), m, study.sweep.seed) for t in study.tasks for lr in study.sweep.lrs
-                 for m in entries]
+                 for m in swept(study)]
     dirs += [run_dir(task_dir(out, t), m, s) for t in study.tasks for s in study.seeds for m in entries]
     dirs += [run_dir(variant_dir(out, a, v), a.method, s) for a in study.ablation for v in a.variants
              for s in study.seeds]
@@ -74,8 +80,11 @@ def chosen_lrs(study: Study, out: Path, task: str) -> dict[str, float]:
     s = study.sweep
     if s is None:
         return {}
-    return {m: max(sorted(s.lrs), key=lambda lr: (final_accuracy(run_dir(sweep_dir(out, task, lr), m, s.seed)), -lr))
-            for m in study.methods + study.references}
+    lrs = {m: max(sorted(s.lrs), key=lambda lr: (final_accuracy(run_dir(sweep_dir(out, task, lr), m, s.seed)), -lr))
+           for m in swept(study)}
+    if "local" in study.references and "centralised" in lrs:
+        lrs["local"] = lrs["centralised"]
+    return lrs
 
 
 @dataclass
@@ -118,10 +127,10 @@ def read_timing(out: Path) -> dict | None:
 # -- running what is missing -----------------------------------------------------------
 
 def run_entries(study: Study, cfg: RunConfig, seeds: list[int], out: Path, lrs: dict[str, float],
-                progress: bool) -> None:
-    """Every method (through ``fedlora compare``) and every reference line of one task's config."""
+                progress: bool, references: list[str]) -> None:
+    """Every method (through ``fedlora compare``) and the given reference lines of one task's config."""
     compare(cfg, study.methods, seeds, out, progress, lrs=lrs)
-    for ref in study.references:
+    for ref in references:
         for seed in seeds:
             train = dataclasses.replace(cfg.train, lr=lrs.get(ref, cfg.train.lr))
             one = dataclasses.replace(cfg, seed=seed, train=train, output_dir=str(run_dir(out, ref, seed)))
@@ -150,11 +159,13 @@ def run_study(study: Study, out: Path, progress: bool = True) -> None:
         for task in study.tasks:
             for lr in lrs_grid:
                 announce(f"sweep lr={lr:g} on {task}, seed {study.sweep.seed}")
-                run_entries(study, study.task_config(task, [f"train.lr={lr}"]), [study.sweep.seed],
-                            sweep_dir(out, task, lr), {}, progress)
+                rounds = study.task_config(task).federation.rounds  # the sweep needs only the final accuracy
+                over = [f"train.lr={lr}", f"federation.eval_every={rounds}"]
+                run_entries(study, study.task_config(task, over), [study.sweep.seed],
+                            sweep_dir(out, task, lr), {}, progress, swept(study)[len(study.methods):])
             announce(f"task {task}: {len(study.methods) + len(study.references)} lines x {len(study.seeds)} seeds")
             run_entries(study, study.task_config(task), study.seeds, task_dir(out, task),
-                        chosen_lrs(study, out, task), progress)
+                        chosen_lrs(study, out, task), progress, study.references)
         for a in study.ablation:
             for v in a.variants:
                 announce(f"ablation {a.name}: {v.label}")
