@@ -55,17 +55,15 @@ def simulator(ov: list[str]) -> None:
 
 
 def inprocess_grid(ov: list[str]) -> None:
-    from fedlora.experiment import build_experiment
+    """The ServerApp's own driver (registration, then the rounds) on an in-process grid."""
     from fedlora.flower import client_app
     from fedlora.flower.inprocess import InProcessGrid
-    from fedlora.flower.run_config import NODE_PARTITION, RUN_CONFIG_FILE, RUN_OVERRIDES, config_from_run_config
-    from fedlora.flower.server_app import GridRounds
-    from fedlora.runner import run
+    from fedlora.flower.run_config import NODE_PARTITION, RUN_CONFIG_FILE, RUN_OVERRIDES, ServerSettings
+    from fedlora.flower.server_app import serve
 
     rc = {RUN_CONFIG_FILE: "", RUN_OVERRIDES: shlex.join(ov)}
     grid = InProcessGrid(client_app.app, [{NODE_PARTITION: i} for i in range(3)], rc)
-    cfg = config_from_run_config(rc)
-    run(cfg, GridRounds(grid, 3, 60), overwrite=True, progress=False, exp=build_experiment(cfg))
+    serve(grid, rc, ServerSettings(min_nodes=3, round_timeout=60, overwrite=True))
 
 
 def free_port() -> int:

@@ -68,12 +68,15 @@ def check_resume(cfg: RunConfig, out: Path) -> None:
     if not (out / "config.toml").is_file():
         raise ConfigError(f"--resume: {out} has no config.toml to check the settings against; "
                           "pass --overwrite to start afresh")
+    # a cosine schedule is planned over the rounds: growing them would continue neither run's schedule
+    may_grow = cfg.train.lr_schedule == "constant"
     changed = [(k, there, now) for k, there, now in config_changes(toml_dict(cfg), read_toml(out / "config.toml"))
-               if k != "output_dir" and not (k == "federation.rounds" and _grows(there, now))]
+               if k != "output_dir" and not (may_grow and k == "federation.rounds" and _grows(there, now))]
     if changed:
         named = ", ".join(f"{k} ({reprlib.repr(there)} there, {reprlib.repr(now)} now)" for k, there, now in changed)
         raise ConfigError(f"--resume: the run in {out} has other settings: {named}; resume with its own "
-                          "(only federation.rounds may grow), or pass --overwrite to start afresh")
+                          "(only federation.rounds may grow, under a constant learning rate), or pass --overwrite "
+                          "to start afresh")
 
 
 def _grows(there: object, now: object) -> bool:

@@ -27,8 +27,8 @@ from fedlora.flower.run_config import (  # noqa: E402
 from fedlora.types import tensors_of  # noqa: E402
 
 from ..conftest import tiny_overrides  # noqa: E402
-from .test_client_registry import make_key  # noqa: E402
-from .test_server_app import flower_run  # noqa: E402
+from ..flower.test_client_registry import make_key  # noqa: E402
+from ..flower.test_server_app import flower_run  # noqa: E402
 
 
 def rows(out):

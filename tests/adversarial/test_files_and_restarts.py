@@ -26,10 +26,10 @@ from fedlora.strategies import METHODS
 from fedlora.strategies.fslora import FSLoRASettings
 from fedlora.types import ClientTask, Factors
 
-from .conftest import tiny_overrides
-from .strategies.common import BUDGETS, EXAMPLES, SPECS, build, train
+from ..conftest import tiny_overrides
+from ..strategies.common import BUDGETS, EXAMPLES, SPECS, build, train
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 class Payload:
@@ -217,6 +217,32 @@ def test_resume_with_more_rounds_continues_to_the_new_count(tiny_bert_dir, tmp_p
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["rounds_aggregated"] == 2
     assert "rounds = 2" in (out / "config.toml").read_text() and not stale.exists()
+
+
+def test_a_resumed_run_is_unfinished_until_it_ends_and_a_cosine_schedule_keeps_its_rounds(tiny_bert_dir, tmp_path,
+                                                                                           monkeypatch, capsys):
+    from fedlora import simulate
+
+    out = tmp_path / "run"
+    assert main(["run", *tiny_overrides(tiny_bert_dir, out, federation__rounds=1), "--quiet"]) == 0
+    real = simulate.train_client
+
+    def dies(exp, rnd, cid, task):
+        if rnd == 2:
+            raise KeyboardInterrupt  # the resumed run is interrupted in its new round
+        return real(exp, rnd, cid, task)
+
+    monkeypatch.setattr(simulate, "train_client", dies)
+    assert main(["run", *tiny_overrides(tiny_bert_dir, out, federation__rounds=2), "--quiet", "--resume"]) == 130
+    assert not (out / "summary.json").exists()  # the old summary no longer says "finished"
+    monkeypatch.undo()
+    cosine = tmp_path / "cosine"
+    over = {"train__lr_schedule": '"cosine"'}
+    assert main(["run", *tiny_overrides(tiny_bert_dir, cosine, federation__rounds=1, **over), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["run", *tiny_overrides(tiny_bert_dir, cosine, federation__rounds=2, **over), "--quiet",
+                 "--resume"]) == 2
+    assert "federation.rounds (1 there, 2 now)" in capsys.readouterr().err
 
 
 def test_a_second_run_on_a_locked_output_directory_exits_2(tiny_bert_dir, tmp_path, capsys):
