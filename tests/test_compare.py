@@ -22,7 +22,7 @@ def test_compare_every_method_writes_table_plots_and_resumes(tiny_bert_dir, tmp_
         assert 0 <= float(r["final_accuracy_mean"]) <= 1 and float(r["upload_MB"]) > 0
     md = (out / "results.md").read_text()
     assert all(f"| {m} |" in md for m in STRATEGIES)
-    for png in ("accuracy_vs_round.png", "accuracy_vs_upload.png"):
+    for png in ("accuracy_vs_round.png", "accuracy_vs_upload.png", "diagnostics.png"):
         assert (out / png).stat().st_size > 1000
     # every method saw the same split (row for row) and budgets; another seed draws another split
     for seed in (0, 1):

@@ -3,7 +3,8 @@
 Each (method, seed) pair is one ordinary run in ``<out>/<method>-seed<seed>/``; a pair
 whose ``summary.json`` exists is finished and skipped, an interrupted one continues from
 its last checkpoint, so re-running resumes. The
-report is ``results.md`` + ``results.csv`` and two plots.
+report is ``results.md`` + ``results.csv``, the metric against round and upload, and
+``diagnostics.png`` (aggregation fidelity and effective rank by round).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .outputs import LABELS
 from .runner import SUMMARY, read_metrics, run
 from .simulate import simulate_round
 from .strategies import METHODS
-from .study.plots import plot_curves
+from .study.plots import plot_curves, plot_diagnostics
 
 
 def run_dir(out: Path, method: str, seed: int) -> Path:
@@ -114,6 +115,8 @@ def write_report(out: Path, methods: list[str], seeds: list[int]) -> Path:
         lines.append(f"| {r['method']} | {r['lr']:g} | {r[f'final_{name}_mean']:.3f}{spread} "
                      f"| {r['upload_MB']:.2f} | {r['download_MB']:.2f} | {r['wall_time_s']:.0f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    plot_curves({m: [run_dir(out, m, s) for s in seeds] for m in methods}, seeds, out, name)
+    runs = {m: [run_dir(out, m, s) for s in seeds] for m in methods}
+    plot_curves(runs, seeds, out, name)
+    plot_diagnostics(runs, out)  # how exact each aggregation was, and rank collapse
     return out / "results.md"
 

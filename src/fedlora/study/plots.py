@@ -77,6 +77,43 @@ def plot_curves(runs: Mapping[str, list[Path]], seeds: list[int], out: Path, met
         plt.close(fig)
 
 
+DIAGNOSTICS = (("fidelity", "aggregation error (0 = exact)"), ("effective_rank", "effective rank of the global ΔW"))
+
+
+def plot_diagnostics(runs: Mapping[str, list[Path]], out: Path) -> Path | None:
+    """``out``/diagnostics.png: each method's per-round aggregation fidelity and effective rank
+    (mean over its runs); None when no run recorded them."""
+    series = {}
+    for m, dirs in runs.items():
+        rows = [read_metrics(d) for d in dirs]
+        for key, _ in DIAGNOSTICS:
+            per_round: dict[int, list[float]] = {}
+            for rs in rows:
+                for r in rs:
+                    if key in r:
+                        per_round.setdefault(r["round"], []).append(r[key])
+            if per_round:
+                series[(m, key)] = sorted((rnd, statistics.fmean(v)) for rnd, v in per_round.items())
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    colours = plt.get_cmap("tab20" if len(runs) > 10 else "tab10").colors  # one colour per method
+    for ax, (key, label) in zip(axes, DIAGNOSTICS):
+        for i, m in enumerate(runs):
+            if (m, key) in series:
+                xs, ys = zip(*series[(m, key)])
+                ax.plot(xs, ys, marker=".", label=m, color=colours[i % len(colours)])
+        ax.set_xlabel("round")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "diagnostics.png", dpi=120)
+    plt.close(fig)
+    return out / "diagnostics.png"
+
+
 def plot_ablation(labels: list[str], accs: list[list[float]], x_label: str, title: str, path: Path) -> None:
     """One ablation: every seed's final accuracy per variant (grey) and their mean ± std.
 
