@@ -124,7 +124,11 @@ def test_study_runs_everything_and_writes_a_well_formed_report(tiny_study, tmp_p
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.jsonl")}
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("metrics.jsonl")} == stamps
-    assert report.read_text() == md
+    assert report.read_text() == md and "## Where rank matters" not in md
+    capsys.readouterr()
+    (report.parent / "rank_recovery.md").write_text("# rank recovery\n")  # beside the report: linked
+    assert main([*args, "--report-only"]) == 0
+    assert "[rank_recovery.md](rank_recovery.md)" in report.read_text()
     capsys.readouterr()
 
     # a run that saw another split is refused, not tabled
