@@ -22,6 +22,12 @@ def _pyplot():
     return plt
 
 
+def _colours(plt, n: int) -> list:
+    """One distinct colour per line (tab10 repeats past ten)."""
+    colours = plt.get_cmap("tab20" if n > 10 else "tab10").colors
+    return [colours[i % len(colours)] for i in range(n)]
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
@@ -39,9 +45,9 @@ def plot_curves(runs: Mapping[str, list[Path]], seeds: list[int], out: Path, met
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    fig_r, ax_r = plt.subplots(figsize=(6, 4))
-    fig_b, ax_b = plt.subplots(figsize=(6, 4))
-    for m, dirs in runs.items():
+    fig_r, ax_r = plt.subplots(figsize=(7.5, 4))
+    fig_b, ax_b = plt.subplots(figsize=(7.5, 4))
+    for (m, dirs), colour in zip(runs.items(), _colours(plt, len(runs))):
         curves = []
         for d in dirs:
             rows, up = read_metrics(d), 0.0
@@ -56,7 +62,7 @@ def plot_curves(runs: Mapping[str, list[Path]], seeds: list[int], out: Path, met
         mb = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
         acc, spread = zip(*(_mean_std([c[i][2] for c in curves]) for i in range(n)))
         for ax, xs in ((ax_r, rounds), (ax_b, mb)):
-            (line,) = ax.plot(xs, acc, marker="o", label=m)
+            (line,) = ax.plot(xs, acc, marker="o", label=m, color=colour)
             if len(seeds) > 1:  # the seeds' spread: gaps inside it are not differences
                 ax.fill_between(xs, [a - s for a, s in zip(acc, spread)], [a + s for a, s in zip(acc, spread)],
                                 color=line.get_color(), alpha=0.12, linewidth=0)
@@ -70,7 +76,7 @@ def plot_curves(runs: Mapping[str, list[Path]], seeds: list[int], out: Path, met
         ax.set_ylabel(f"global test {metric.replace('_', '-')}")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over the curves
     for fig, name in ((fig_r, f"{metric}_vs_round.png"), (fig_b, f"{metric}_vs_upload.png")):
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
@@ -98,12 +104,11 @@ def plot_diagnostics(runs: Mapping[str, list[Path]], out: Path) -> Path | None:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    colours = plt.get_cmap("tab20" if len(runs) > 10 else "tab10").colors  # one colour per method
     for ax, (key, label) in zip(axes, DIAGNOSTICS):
-        for i, m in enumerate(runs):
+        for m, colour in zip(runs, _colours(plt, len(runs))):
             if (m, key) in series:
                 xs, ys = zip(*series[(m, key)])
-                ax.plot(xs, ys, marker=".", label=m, color=colours[i % len(colours)])
+                ax.plot(xs, ys, marker=".", label=m, color=colour)
         ax.set_xlabel("round")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -90,8 +90,8 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
                   *([a.note, ""] if a.note else []), f"![{a.name}]({_rel(img)}/{name})", ""]
     if (report.parent / RANK_RECOVERY).is_file():  # the controlled benchmark beside the report
         lines += ["", "## Where rank matters", "",
-                  "On this task rank 8 is already enough, so it cannot test the claim that small budgets jointly "
-                  "train a higher-rank adapter. `benchmarks/rank_recovery.py` builds the case where they must (a "
+                  "Final accuracy cannot tell whether clients with small budgets jointly train a higher-rank adapter "
+                  "than any of them could. `benchmarks/rank_recovery.py` measures it where the answer is known (a "
                   "target change of rank 64, budgets {4, 8, 16}); its predictions, written before the first run, "
                   f"and its results are in [{RANK_RECOVERY}]({RANK_RECOVERY})."]
     report.parent.mkdir(parents=True, exist_ok=True)
