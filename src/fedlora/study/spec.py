@@ -99,7 +99,11 @@ def load_study(path: str | Path) -> Study:
         tasks.append(replace(t, config=str(config)))
     study = replace(study, task=tasks, path=str(p))
     for task in study.tasks:  # every config loads before hours of compute start
-        study.task_config(task)
+        cfg = study.task_config(task)
+        if cfg.data.format != "classification" and cfg.eval.generate_examples == 0:  # scored by a loss
+            raise ConfigError(f"{p.name}: task '{task}' would be scored by its answer loss (eval.generate_examples "
+                              "= 0), but the study picks rates and ranks methods by a score where higher is "
+                              "better: set eval.generate_examples > 0 (Rouge-L)")
     for a in study.ablation:
         for v in a.variants:
             study.task_config(a.task, v.overrides)
