@@ -10,14 +10,15 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import write_atomic
 from ..client import local_train
 from ..config import RunConfig, to_toml
 from ..encoding import train_batches
 from ..experiment import build_experiment, clients_per_round, evaluate_global, evaluate_task
+from ..outputs import summary
 from ..runner import SUMMARY, run, write_clients
 from ..seeding import derive_seed, torch_generator
 from ..simulate import simulate_round
@@ -64,7 +65,7 @@ def run_local_only(cfg: RunConfig, progress: bool = True) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    (out / "config.toml").write_text(to_toml(cfg))
+    write_atomic(out / "config.toml", to_toml(cfg))
     exp = build_experiment(cfg)
     write_clients(exp, out)
     initial = evaluate_global(exp)
@@ -86,10 +87,7 @@ def run_local_only(cfg: RunConfig, progress: bool = True) -> dict:
     rows = [{"round": 0, **{f"eval_{k}": v for k, v in initial.items()}},
             {"round": 1, **{f"eval_{k}": v for k, v in final.items()}, "bytes_up": 0.0, "clients": float(n),
              "client_accuracy": [r["accuracy"] for r in results], "local_steps_per_client": steps}]
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    labels = exp.data.test_labels()
-    summary = {"initial_accuracy": initial["accuracy"], "final_accuracy": final["accuracy"],
-               "final_loss": final["loss"], "majority_accuracy": float(np.bincount(labels).max() / len(labels)),
-               "wall_time_s": time.perf_counter() - start, "output_dir": str(out)}
-    (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    write_atomic(out / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    result = summary(exp, initial, final, time.perf_counter() - start, out)
+    write_atomic(out / SUMMARY, json.dumps(result, indent=1) + "\n")  # last: it marks the line finished
+    return result

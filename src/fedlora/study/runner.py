@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..compare import SUMMARY, compare, run_dir
+from ..compare import SUMMARY, compare, final_metric, run_dir
 from ..config import RunConfig, read_toml
 from ..runner import read_metrics
 from .references import run_reference
@@ -70,8 +70,7 @@ def missing_runs(study: Study, out: Path) -> list[Path]:
 
 def final_accuracy(d: Path) -> float:
     """The run's headline metric (accuracy for classification; see :mod:`fedlora.outputs`)."""
-    s = json.loads((d / SUMMARY).read_text())
-    return s.get("final_metric", s.get("final_accuracy"))
+    return final_metric(json.loads((d / SUMMARY).read_text()))[1]
 
 
 def chosen_lrs(study: Study, out: Path, task: str) -> dict[str, float]:
