@@ -51,6 +51,16 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(ln) for ln in lines if ln.endswith("}")]
 
 
+def eval_curve(out: Path, metric: str = "accuracy") -> list[tuple[int, float, float]]:
+    """(round, cumulative upload in MB over all clients, ``metric``) at each evaluation of a run."""
+    pts, up = [], 0.0
+    for r in read_metrics(out):
+        up += r.get("bytes_up", 0.0)
+        if f"eval_{metric}" in r:
+            pts.append((r["round"], up / 1e6, r[f"eval_{metric}"]))
+    return pts
+
+
 def eval_metrics(row: dict) -> dict[str, float]:
     """The ``eval_*`` entries of a metrics row, without the prefix."""
     return {k[5:]: v for k, v in row.items() if k.startswith("eval_")}

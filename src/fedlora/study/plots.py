@@ -10,7 +10,7 @@ import statistics
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..runner import read_metrics
+from ..runner import eval_curve, read_metrics
 
 
 def _pyplot():
@@ -48,15 +48,7 @@ def plot_curves(runs: Mapping[str, list[Path]], seeds: list[int], out: Path, met
     fig_r, ax_r = plt.subplots(figsize=(7.5, 4))
     fig_b, ax_b = plt.subplots(figsize=(7.5, 4))
     for (m, dirs), colour in zip(runs.items(), _colours(plt, len(runs))):
-        curves = []
-        for d in dirs:
-            rows, up = read_metrics(d), 0.0
-            pts = []
-            for r in rows:
-                up += r.get("bytes_up", 0.0)
-                if f"eval_{metric}" in r:
-                    pts.append((r["round"], up / 1e6, r[f"eval_{metric}"]))
-            curves.append(pts)
+        curves = [eval_curve(d, metric) for d in dirs]
         n = min(len(c) for c in curves)
         rounds = [curves[0][i][0] for i in range(n)]
         mb = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..compare import SUMMARY, mean_std, run_dir
 from ..errors import ConfigError
-from ..runner import read_metrics
+from ..runner import eval_curve
 from ..strategies import METHODS
 from .plots import plot_curves
 from .runner import MethodResult, task_dir, task_results
@@ -20,16 +20,6 @@ from .spec import Study
 from .stats import ALPHA, POWER, Paired, at_upload, detectable_difference, holm, late_gain, paired, verdict
 
 TIE = 0.005  # an interval of the paired difference inside ±TIE is a tie
-
-
-def curve(d: Path) -> list[tuple[int, float, float]]:
-    """(round, cumulative upload in MB, accuracy) at each evaluation of a run."""
-    pts, up = [], 0.0
-    for r in read_metrics(d):
-        up += r.get("bytes_up", 0.0)
-        if "eval_accuracy" in r:
-            pts.append((r["round"], up / 1e6, r["eval_accuracy"]))
-    return pts
 
 
 def task_section(study: Study, out: Path, task: str, img: Path) -> tuple[list[str], list[str]]:
@@ -42,7 +32,7 @@ def task_section(study: Study, out: Path, task: str, img: Path) -> tuple[list[st
     plot_curves(runs, study.seeds, d, lines={r.method: r.mean for r in refs})
     for png in ("accuracy_vs_round.png", "accuracy_vs_upload.png"):  # redrawn from the runs, like the tables
         shutil.copyfile(d / png, img / f"{task}_{png}")
-    curves = {m: [curve(x) for x in dirs] for m, dirs in runs.items()}
+    curves = {m: [eval_curve(x) for x in dirs] for m, dirs in runs.items()}
     budget = min(statistics.fmean(c[-1][1] for c in cs) for cs in curves.values())  # the cheapest method's upload
     at_budget = {m: statistics.fmean(at_upload([(u, a) for _, u, a in c], budget) for c in cs)
                  for m, cs in curves.items()}
