@@ -267,12 +267,13 @@ def test_compare_resumes_an_interrupted_run_from_its_checkpoint(tiny_study, tmp_
     assert strip[0] == strip[1]  # the resumed run is the run that was not interrupted
 
 
-def test_a_task_scored_by_its_loss_is_refused_before_any_run(tiny_study, tmp_path, capsys):
-    # the sweep keeps the highest score: on a loss it would keep the worst rate
+@pytest.mark.parametrize("generate", [0, 4])
+def test_a_generative_task_is_refused_before_any_run(tiny_study, tmp_path, capsys, generate):
+    # the report is of accuracy; and scored by its loss (no generation) the sweep would keep the worst rate
     iid = tmp_path / "tiny_iid.toml"
-    iid.write_text(iid.read_text() + '\n[eval]\ngenerate_examples = 0\n')
+    iid.write_text(iid.read_text() + f'\n[eval]\ngenerate_examples = {generate}\n')
     iid.write_text(iid.read_text().replace("[data]\n", '[data]\nformat = "instruction"\n', 1))
     assert main(["study", str(tiny_study), "--out", str(tmp_path / "r"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "task 'beta' would be scored by its answer loss" in err and err.count("\n") == 1
+    assert "task 'beta' has data.format = 'instruction'" in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()

@@ -100,10 +100,10 @@ def load_study(path: str | Path) -> Study:
     study = replace(study, task=tasks, path=str(p))
     for task in study.tasks:  # every config loads before hours of compute start
         cfg = study.task_config(task)
-        if cfg.data.format != "classification" and cfg.eval.generate_examples == 0:  # scored by a loss
-            raise ConfigError(f"{p.name}: task '{task}' would be scored by its answer loss (eval.generate_examples "
-                              "= 0), but the study picks rates and ranks methods by a score where higher is "
-                              "better: set eval.generate_examples > 0 (Rouge-L)")
+        if cfg.data.format != "classification":  # the sweep, tables and verdicts are of held-out accuracy
+            raise ConfigError(f"{p.name}: task '{task}' has data.format = '{cfg.data.format}', but the study compares "
+                              "held-out accuracy, so its tasks are labelled data (a causal LM scores them by multiple "
+                              "choice); compare generative runs with `fedlora compare`")
     for a in study.ablation:
         for v in a.variants:
             study.task_config(a.task, v.overrides)
