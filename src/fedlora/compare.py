@@ -17,8 +17,9 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from .config import RunConfig, config_changes, read_toml, toml_dict
+from .config import RunConfig, read_toml
 from .errors import ConfigError
+from .outdir import changed_settings
 from .outputs import LABELS
 from .runner import SUMMARY, read_metrics, run
 from .simulate import simulate_round
@@ -53,8 +54,7 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path,
             one.validate()
             started = (d / "metrics.jsonl").exists() and (d / "config.toml").exists()
             if started:  # never mix two setups in one table
-                changed = [c for c in config_changes(toml_dict(one), read_toml(d / "config.toml"))
-                           if c[0] != "output_dir"]
+                changed = changed_settings(one, d)
                 if changed:
                     key, there, now = changed[0]
                     raise ConfigError(f"{d} holds a run with a different {key} ({there!r} there, {now!r} now); "

@@ -62,6 +62,12 @@ def prepare_output_dir(out: Path, overwrite: bool, resume: bool) -> int:
     return 0
 
 
+def changed_settings(cfg: RunConfig, out: Path) -> list[tuple[str, object, object]]:
+    """(dotted key, value in ``out``/config.toml, value in ``cfg``) for every setting that differs
+    (``output_dir`` aside: the same run may be found under another path)."""
+    return [c for c in config_changes(toml_dict(cfg), read_toml(out / "config.toml")) if c[0] != "output_dir"]
+
+
 def check_resume(cfg: RunConfig, out: Path) -> None:
     """Refuse to continue the run in ``out`` with settings other than its own ``config.toml``'s;
     only ``federation.rounds`` may grow (the run goes on to the new count)."""
@@ -70,8 +76,8 @@ def check_resume(cfg: RunConfig, out: Path) -> None:
                           "pass --overwrite to start afresh")
     # a cosine schedule is planned over the rounds: growing them would continue neither run's schedule
     may_grow = cfg.train.lr_schedule == "constant"
-    changed = [(k, there, now) for k, there, now in config_changes(toml_dict(cfg), read_toml(out / "config.toml"))
-               if k != "output_dir" and not (may_grow and k == "federation.rounds" and _grows(there, now))]
+    changed = [(k, there, now) for k, there, now in changed_settings(cfg, out)
+               if not (may_grow and k == "federation.rounds" and _grows(there, now))]
     if changed:
         named = ", ".join(f"{k} ({reprlib.repr(there)} there, {reprlib.repr(now)} now)" for k, there, now in changed)
         raise ConfigError(f"--resume: the run in {out} has other settings: {named}; resume with its own "
