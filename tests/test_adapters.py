@@ -104,6 +104,26 @@ def test_init_adapter_round_trip_at_lr_zero_gives_back_the_same_adapter(trained,
 
 
 @pytest.mark.slow
+def test_the_flower_server_starts_its_registered_strategy_from_init_adapter(trained, tiny_chat_llama_dir, tmp_path):
+    # the ServerApp rebuilds the strategy for the budgets its nodes registered: it must keep the adapter
+    pytest.importorskip("flwr")
+    from types import SimpleNamespace
+
+    from fedlora.flower.server_app import use_budgets
+
+    cfg, exp, data = trained
+    args = overrides(tiny_chat_llama_dir, data, tmp_path / "r",
+                     model__init_adapter=f'"{cfg.resolved_output_dir() / "adapter"}"')
+    started = build_experiment(load_config(None, args))
+    ids = exp.data.encoded.input_ids[:4]
+    expected = global_logits(started, ids)
+    use_budgets(started, [8, 8, 4], SimpleNamespace(budgets=[8, 8, 4], num_examples=[5, 5, 5]))
+    assert started.budgets == [8, 8, 4]
+    torch.testing.assert_close(global_logits(started, ids), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(expected, global_logits(exp, ids), rtol=0, atol=1e-4)  # the trained run's model
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method, rank, alpha, rslora", [("fslora", 16, 4.0, False), ("hetlora", 8, 32.0, True),
                                                          ("ffa", 8, 16.0, False), ("fedit", 8, 16.0, False)])
 def test_init_adapter_keeps_the_function_under_another_rank_alpha_and_method(trained, tiny_chat_llama_dir, tmp_path,

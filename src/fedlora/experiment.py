@@ -38,7 +38,7 @@ from .models import load_model
 from .seeding import derive_seed, numpy_rng, torch_generator
 from .server import FederatedServer
 from .strategies import build_strategy, get_method
-from .types import ClientTask, ClientUpdate
+from .types import ClientTask, ClientUpdate, Strategy
 
 log = logging.getLogger("fedlora.experiment")
 SAMPLES = 20  # (prompt, reference, generation) triples an evaluation hands back to be written
@@ -141,6 +141,16 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     except ValueError as e:
         raise ConfigError(f"model.targets: {e}") from None
     budgets = client_budgets(cfg.budgets, cfg.data.num_clients, cfg.seed)
+    server = FederatedServer(
+        build_global_strategy(cfg, lm, budgets), lm.head_state(), budgets, [len(c) for c in data.clients],
+        fingerprint=lm.fingerprint, min_clients=cfg.reliability.min_clients,
+        privacy=cfg.privacy, seed=cfg.seed, per_round=clients_per_round(cfg), weighting=cfg.strategy.weighting)
+    return Experiment(cfg, lm, data, budgets, server, loaded.tokenizer)
+
+
+def build_global_strategy(cfg: RunConfig, lm: LoRAModel, budgets: list[int]) -> Strategy:
+    """The configured method over ``lm``'s modules for ``budgets``, started from ``model.init_adapter``
+    when one is given."""
     s = cfg.strategy
     strategy = build_strategy(s.name, lm.shapes(), budgets, cfg.seed, s.global_rank, s.alpha, s.rslora,
                               s.method_settings())
@@ -148,11 +158,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         from .adapters import start_from_adapter
 
         start_from_adapter(strategy, get_method(s.name), cfg.model.init_adapter, lm)
-    server = FederatedServer(
-        strategy, lm.head_state(), budgets, [len(c) for c in data.clients],
-        fingerprint=lm.fingerprint, min_clients=cfg.reliability.min_clients,
-        privacy=cfg.privacy, seed=cfg.seed, per_round=clients_per_round(cfg), weighting=s.weighting)
-    return Experiment(cfg, lm, data, budgets, server, loaded.tokenizer)
+    return strategy
 
 
 def train_client(exp: Experiment, rnd: int, cid: int, task: ClientTask) -> ClientUpdate:

@@ -25,10 +25,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..checkpoint import latest_checkpoint
 from ..config import RunConfig
-from ..experiment import Experiment, build_experiment
+from ..experiment import Experiment, build_experiment, build_global_strategy
 from ..methods import get_method
 from ..runner import run
-from ..strategies import build_strategy
 from . import codec
 from .registry import ClientRegistry, Refuse, load_registry
 from .run_config import ServerSettings, config_from_run_config, server_settings
@@ -140,14 +139,10 @@ class GridRounds:
         return metrics
 
 
-
-
 def use_budgets(exp: Experiment, strategy_budgets: list[int], registry: ClientRegistry) -> None:
     """A fresh strategy built from ``strategy_budgets`` (FedIT's common rank, HetLoRA's global
     rank, ... follow from them); the server sends and weighs by the registry's numbers."""
-    s = exp.cfg.strategy
-    exp.server.strategy = build_strategy(s.name, exp.lm.shapes(), strategy_budgets, exp.cfg.seed, s.global_rank,
-                                         s.alpha, s.rslora, s.method_settings())
+    exp.server.strategy = build_global_strategy(exp.cfg, exp.lm, strategy_budgets)
     exp.budgets = list(strategy_budgets)  # what checkpoints and clients.json record
     exp.server.budgets, exp.server.num_examples = list(registry.budgets), list(registry.num_examples)
 
