@@ -78,7 +78,7 @@ class ClientRegistry:
         self.global_rank = global_rank
         self.allowed = None if allowed is None else dict(allowed)
         self.num_examples = list(num_examples)
-        self.budgets = [min(max(b, 1), self.cap(c)) for c, b in enumerate(budgets)]
+        self.budgets = [self.clamp(c, b) for c, b in enumerate(budgets)]
         for c, a in (self.allowed or {}).items():
             self.budgets[c] = a.budget
             if a.num_examples is not None:
@@ -90,6 +90,10 @@ class ClientRegistry:
         if self.allowed is None:
             return self.global_rank
         return self.allowed[cid].budget if cid in self.allowed else self.global_rank
+
+    def clamp(self, cid: int, budget: int) -> int:
+        """``budget`` brought into ``[1, cap(cid)]``."""
+        return min(max(budget, 1), self.cap(cid))
 
     def node_of(self, cid: int) -> int | None:
         return self.holders[cid].node_id if cid in self.holders else None
@@ -104,7 +108,7 @@ class ClientRegistry:
             return _logged(refusal)
         self.pending.pop(node_id, None)
         want = self.budgets[cid] if budget is None else budget
-        got = min(max(want, 1), self.cap(cid))
+        got = self.clamp(cid, want)
         if got != want:
             log.warning("node %s (client %d): budget %d clamped to %d", node_id, cid, want, got)
         old = self.holders.get(cid)
