@@ -45,8 +45,12 @@ def update_norm(task: ClientTask, update: ClientUpdate) -> float:
     """Norm of a client's whole change to the global model: every layer's ``ΔW`` and its head increment."""
     scale = effect_scale(task)
     total = sum(change_norm_sq(task.factors[n], update.factors[n], scale) for n in task.factors)
-    total += sum(float(((update.head[k] - task.head[k]).double() ** 2).sum()) for k in task.head)
-    return math.sqrt(total)
+    return math.sqrt(total + head_change_sq(task, update))
+
+
+def head_change_sq(task: ClientTask, update: ClientUpdate) -> float:
+    """Squared L2 norm of the head's increment (it is trained and averaged as is, unscaled)."""
+    return sum(float(((update.head[k] - t).double() ** 2).sum()) for k, t in task.head.items())
 
 
 def shrink(task: ClientTask, update: ClientUpdate, c: float) -> ClientUpdate:
@@ -86,8 +90,7 @@ def increment_norm(task: ClientTask, update: ClientUpdate) -> float:
     """L2 norm of everything a client uploads as change: factor and head increments."""
     sq = sum(float(((update.factors[n].A - f.A).double() ** 2).sum())
              + float(((update.factors[n].B - f.B).double() ** 2).sum()) for n, f in task.factors.items())
-    sq += sum(float(((update.head[k] - t).double() ** 2).sum()) for k, t in task.head.items())
-    return math.sqrt(sq)
+    return math.sqrt(sq + head_change_sq(task, update))
 
 
 def clip_increment(task: ClientTask, update: ClientUpdate, max_norm: float) -> ClientUpdate:
