@@ -237,37 +237,54 @@ def test_a_gpt2_shaped_model_trains_two_rounds_with_lora_on_its_conv1d_c_attn(ti
     assert cfg["fan_in_fan_out"] is True and cfg["target_modules"][0].endswith("c_attn")
 
 
-def test_a_4bit_base_trains_where_bitsandbytes_runs_or_says_why_not(tiny_llama_dir, tmp_path, capsys):
+def tiny_4bit_run(tiny_llama_dir, tmp_path) -> list[str]:
+    """Overrides for one round on a 64-wide Llama (bitsandbytes' CPU kernels want layers at least
+    64 wide) with a 4-bit base."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    model_dir = tmp_path / "llama64"  # bitsandbytes' CPU kernels want layers at least 64 wide
+    model_dir = tmp_path / "llama64"
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     tok.save_pretrained(model_dir)
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
                                  pad_token_id=tok.pad_token_id)).save_pretrained(model_dir)
-    out = tmp_path / "q"
-    over = tiny_overrides(model_dir, out, model__task='"causal-lm"', model__targets='["q_proj", "v_proj"]',
+    return tiny_overrides(model_dir, tmp_path / "q", model__task='"causal-lm"', model__targets='["q_proj", "v_proj"]',
                           data__prompt_template='"{text}"', model__quantization='"4bit"', federation__rounds=1)
-    code = main(["run", *over, "--quiet"])
-    err = capsys.readouterr().err
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        assert code == 2 and "model.quantization=4bit: needs bitsandbytes" in err and err.count("error") == 1
-        return
-    assert code == 0, err
-    assert rows(out)[-1]["train_loss"] > 0
-    import bitsandbytes as bnb
 
+
+def test_a_4bit_base_without_bitsandbytes_is_one_line_and_exit_2(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    assert main(["run", *tiny_4bit_run(tiny_llama_dir, tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "model.quantization=4bit: needs bitsandbytes" in err and err.count("error") == 1
+
+
+def test_a_4bit_base_trains_and_an_evaluation_on_the_repack_path_keeps_its_gradients(tiny_llama_dir, tmp_path,
+                                                                                      capsys, monkeypatch):
+    """bitsandbytes 0.50 repacks a 4-bit weight for its inference kernel at the first eval-mode
+    forward on a CPU with AVX512-BF16, and that kernel has no backward. The repack path is forced
+    here (bitsandbytes is told the CPU has AVX512-BF16), so the fix is exercised on any CPU:
+    without fedlora's fix the weight is repacked and the gradients after an evaluation differ."""
+    bnb = pytest.importorskip("bitsandbytes", reason="the 4-bit path needs bitsandbytes (the quant extra)")
+    from bitsandbytes.functional import has_avx512bf16
+
+    native = has_avx512bf16()
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)  # read by every Linear4bit it builds
+    assert bnb.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu  # the forcing took
+    print(f"4-bit test: bitsandbytes' CPU repack path forced on (this CPU's own AVX512-BF16: {bool(native)})")
+    out = tmp_path / "q"
+    assert main(["run", *tiny_4bit_run(tiny_llama_dir, tmp_path), "--quiet"]) == 0, capsys.readouterr().err
+    assert rows(out)[-1]["train_loss"] > 0
     cfg = load_config(out / "config.toml", [f'output_dir="{tmp_path / "again"}"'])
     grads = []
     for evaluate_first in (False, True):  # an evaluation must not change what training computes next
         exp = build_experiment(cfg)
-        assert isinstance(exp.lm.layers["model.layers.0.self_attn.q_proj"].base, bnb.nn.Linear4bit)
+        base = exp.lm.layers["model.layers.0.self_attn.q_proj"].base
+        assert isinstance(base, bnb.nn.Linear4bit)
         if evaluate_first:
             evaluate_global(exp)
+        assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)  # the training layout kept
         task = exp.server.configure(1, [0])[0]
         for f in task.factors.values():
             f.B.normal_(generator=torch.Generator().manual_seed(0))  # so that A (in layer 0) gets gradients too
