@@ -4,19 +4,21 @@ accumulation, a cosine learning rate across rounds, quantised and GPT-2-style ba
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from fedlora import client
 from fedlora.cli import main
 from fedlora.client import local_train, round_lr
 from fedlora.config import ConfigError, TrainConfig, load_config
-from fedlora.device import resolve_device, to_device
+from fedlora.device import grad_scaler, resolve_device, to_device
 from fedlora.encoding import train_batches
 from fedlora.experiment import build_experiment, evaluate_global, train_client
-from fedlora.lora import LoRAModel
+from fedlora.lora import LoRALinear, LoRAModel
 from fedlora.seeding import torch_generator
 from fedlora.types import ClientTask, Factors
 
@@ -88,7 +90,90 @@ def test_loading_a_task_and_a_batch_follows_the_model_off_the_cpu():
         lm.model(x=torch.randn(8, 6), labels=batch["labels"])
 
 
-def test_bf16_autocast_trains_a_tiny_model_on_the_cpu_and_its_loss_falls(tiny_bert_dir, tmp_path):
+def test_the_training_loop_moves_each_batch_to_the_models_device_and_backpropagates_there():
+    """local_train on a meta-device model: its forward sees only meta tensors and the gradients
+    land on meta, up to the loop's first read of a number (``loss.item()``), which a meta tensor
+    cannot give. Without the loop's ``to_device`` the forward itself fails on the CPU batch."""
+    lm = LoRAModel(TinyRegressor().to("meta"), ["up"], head=["down.weight", "down.bias"])
+    seen: list[str] = []
+    lm.model.register_forward_pre_hook(lambda m, args, kwargs: seen.extend(t.device.type for t in kwargs.values()),
+                                       with_kwargs=True)
+    task = ClientTask(factors={"up": Factors(torch.randn(3, 6), torch.randn(5, 3))}, scale=0.5,
+                      head={"down.weight": torch.randn(4, 5), "down.bias": torch.randn(4)})
+    batches = [{"x": torch.randn(8, 6), "labels": torch.randn(8, 4)}]  # on the CPU, as the data loader makes them
+    with pytest.raises(RuntimeError, match=r"item\(\) cannot be called on meta tensors"):
+        local_train(lm, task, batches, TrainConfig(local_steps=1), 8)
+    assert seen == ["meta", "meta"]
+    assert lm.layers["up"].lora_A.grad.device.type == "meta" and lm.layers["up"].lora_B.grad.device.type == "meta"
+
+
+AUTOCAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def record_lora_outputs(monkeypatch) -> list[tuple[bool, bool, torch.dtype]]:
+    """(training?, autocast on?, output dtype) of every forward of a LoRA-wrapped layer (its output
+    has its base layer's dtype, the low-rank path cast to it)."""
+    seen = []
+    forward = LoRALinear.forward
+
+    def spy(self, x):
+        y = forward(self, x)
+        seen.append((self.training, torch.is_autocast_enabled(x.device.type), y.dtype))
+        return y
+
+    monkeypatch.setattr(LoRALinear, "forward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_local_training_computes_the_adapted_layers_in_the_precision_asked_for(monkeypatch, regressor_batches,
+                                                                              precision):
+    """The adapted layer computes in the autocast dtype (float32 without autocast, so this fails if
+    autocast is dropped); the factors the client trains and returns stay float32."""
+    seen = record_lora_outputs(monkeypatch)
+    lm = LoRAModel(TinyRegressor(), ["up"])
+    task = ClientTask(factors={"up": Factors(torch.randn(3, 6), torch.randn(5, 3))}, scale=0.5)
+    cfg = TrainConfig(local_steps=3, batch_size=8, lr=0.05, optimizer="sgd", momentum=0.0, precision=precision)
+    update = local_train(lm, task, regressor_batches, cfg, 24)
+    want = AUTOCAST[precision]
+    assert seen == [(True, precision != "fp32", want)] * 3
+    f = update.factors["up"]
+    assert f.A.dtype == f.B.dtype == lm.layers["up"].lora_A.dtype == torch.float32
+    assert not torch.equal(f.B, task.factors["up"].B)  # every precision takes real steps
+
+
+def test_the_fp16_loss_scaler_steps_normally_and_skips_a_step_whose_gradient_is_inf(monkeypatch, regressor_batches):
+    scalers: list[torch.amp.GradScaler] = []
+
+    def kept(device, precision):
+        scalers.append(grad_scaler(device, precision))
+        return scalers[-1]
+
+    monkeypatch.setattr(client, "grad_scaler", kept)
+    lm = LoRAModel(TinyRegressor(), ["up"])
+    poison = [False]
+
+    def inf_gradient(module, args, out):  # the backward through this layer overflows (loss stays finite)
+        if poison[0]:
+            out.register_hook(lambda g: torch.full_like(g, math.inf))
+
+    lm.layers["up"].register_forward_hook(inf_gradient)
+    task = ClientTask(factors={"up": Factors(torch.randn(3, 6), torch.randn(5, 3))}, scale=0.5)
+    cfg = TrainConfig(local_steps=1, batch_size=8, lr=0.05, optimizer="sgd", momentum=0.0, precision="fp16")
+    stepped = local_train(lm, task, regressor_batches[:1], cfg, 8)
+    poison[0] = True
+    skipped = local_train(lm, task, regressor_batches[:1], cfg, 8)
+    init = torch.amp.GradScaler("cpu").get_scale()  # 65536
+    assert [s.get_scale() for s in scalers] == [init, init * 0.5]  # backed off after the inf only
+    assert not torch.equal(stepped.factors["up"].B, task.factors["up"].B)
+    assert torch.equal(skipped.factors["up"].A, task.factors["up"].A)  # the step was skipped: nothing moved
+    assert torch.equal(skipped.factors["up"].B, task.factors["up"].B)
+    assert math.isfinite(skipped.metrics["train_loss"])
+    assert not grad_scaler(torch.device("cpu"), "bf16").is_enabled()  # bf16's range needs no scaler
+
+
+def test_bf16_autocast_trains_a_tiny_model_on_the_cpu_and_its_loss_falls(tiny_bert_dir, tmp_path, monkeypatch):
+    seen = record_lora_outputs(monkeypatch)
     out = tmp_path / "bf16"
     over = tiny_overrides(tiny_bert_dir, out, federation__rounds=3, federation__fraction=1.0, train__lr=0.02,
                           train__local_steps=4, train__precision='"bf16"')
@@ -96,6 +181,9 @@ def test_bf16_autocast_trains_a_tiny_model_on_the_cpu_and_its_loss_falls(tiny_be
     losses = [r["train_loss"] for r in rows(out)[1:]]
     assert losses[-1] < losses[0] - 0.02, losses
     assert abs(losses[0] - 0.975) < 0.02  # close to the fp32 run's 0.975 (tests/test_runner.py pins it)
+    # training and evaluation both ran the adapted layers in bf16 (float32 without autocast)
+    assert {training for training, _, _ in seen} == {True, False}
+    assert {(on, dtype) for _, on, dtype in seen} == {(True, torch.bfloat16)}
 
 
 def one_sgd_step(lm, task, enc, rows_, batch_size, accum):
@@ -149,37 +237,54 @@ def test_a_gpt2_shaped_model_trains_two_rounds_with_lora_on_its_conv1d_c_attn(ti
     assert cfg["fan_in_fan_out"] is True and cfg["target_modules"][0].endswith("c_attn")
 
 
-def test_a_4bit_base_trains_where_bitsandbytes_runs_or_says_why_not(tiny_llama_dir, tmp_path, capsys):
+def tiny_4bit_run(tiny_llama_dir, tmp_path) -> list[str]:
+    """Overrides for one round on a 64-wide Llama (bitsandbytes' CPU kernels want layers at least
+    64 wide) with a 4-bit base."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    model_dir = tmp_path / "llama64"  # bitsandbytes' CPU kernels want layers at least 64 wide
+    model_dir = tmp_path / "llama64"
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     tok.save_pretrained(model_dir)
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
                                  pad_token_id=tok.pad_token_id)).save_pretrained(model_dir)
-    out = tmp_path / "q"
-    over = tiny_overrides(model_dir, out, model__task='"causal-lm"', model__targets='["q_proj", "v_proj"]',
+    return tiny_overrides(model_dir, tmp_path / "q", model__task='"causal-lm"', model__targets='["q_proj", "v_proj"]',
                           data__prompt_template='"{text}"', model__quantization='"4bit"', federation__rounds=1)
-    code = main(["run", *over, "--quiet"])
-    err = capsys.readouterr().err
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        assert code == 2 and "model.quantization=4bit: needs bitsandbytes" in err and err.count("error") == 1
-        return
-    assert code == 0, err
-    assert rows(out)[-1]["train_loss"] > 0
-    import bitsandbytes as bnb
 
+
+def test_a_4bit_base_without_bitsandbytes_is_one_line_and_exit_2(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    assert main(["run", *tiny_4bit_run(tiny_llama_dir, tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "model.quantization=4bit: needs bitsandbytes" in err and err.count("error") == 1
+
+
+def test_a_4bit_base_trains_and_an_evaluation_on_the_repack_path_keeps_its_gradients(tiny_llama_dir, tmp_path,
+                                                                                      capsys, monkeypatch):
+    """bitsandbytes 0.50 repacks a 4-bit weight for its inference kernel at the first eval-mode
+    forward on a CPU with AVX512-BF16, and that kernel has no backward. The repack path is forced
+    here (bitsandbytes is told the CPU has AVX512-BF16), so the fix is exercised on any CPU:
+    without fedlora's fix the weight is repacked and the gradients after an evaluation differ."""
+    bnb = pytest.importorskip("bitsandbytes", reason="the 4-bit path needs bitsandbytes (the quant extra)")
+    from bitsandbytes.functional import has_avx512bf16
+
+    native = has_avx512bf16()
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)  # read by every Linear4bit it builds
+    assert bnb.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu  # the forcing took
+    print(f"4-bit test: bitsandbytes' CPU repack path forced on (this CPU's own AVX512-BF16: {bool(native)})")
+    out = tmp_path / "q"
+    assert main(["run", *tiny_4bit_run(tiny_llama_dir, tmp_path), "--quiet"]) == 0, capsys.readouterr().err
+    assert rows(out)[-1]["train_loss"] > 0
     cfg = load_config(out / "config.toml", [f'output_dir="{tmp_path / "again"}"'])
     grads = []
     for evaluate_first in (False, True):  # an evaluation must not change what training computes next
         exp = build_experiment(cfg)
-        assert isinstance(exp.lm.layers["model.layers.0.self_attn.q_proj"].base, bnb.nn.Linear4bit)
+        base = exp.lm.layers["model.layers.0.self_attn.q_proj"].base
+        assert isinstance(base, bnb.nn.Linear4bit)
         if evaluate_first:
             evaluate_global(exp)
+        assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)  # the training layout kept
         task = exp.server.configure(1, [0])[0]
         for f in task.factors.values():
             f.B.normal_(generator=torch.Generator().manual_seed(0))  # so that A (in layer 0) gets gradients too

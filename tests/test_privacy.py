@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
+from fedlora import privacy
 from fedlora import state as S
 from fedlora.config import ConfigError, PrivacyConfig, load_config
-from fedlora.server import FederatedServer
+from fedlora.server import FederatedServer, sample_clients
 from fedlora.strategies.fslora import FSLoRA
 from fedlora.types import ClientUpdate, Factors
 
@@ -60,17 +61,26 @@ def test_the_mean_uses_the_expected_number_of_clients_and_increments_are_clipped
         deltas.append({n: (a / norm, b / norm) for n, (a, b) in d.items()})  # clipped to norm 1
         ups[c] = ClientUpdate({n: Factors(A=f.A + d[n][0], B=f.B + d[n][1]) for n, f in t.factors.items()}, 5)
     server.aggregate(1, tasks, ups)
-    ref_A = before["m"].A + sum(d["m"][0] for d in deltas) / PER_ROUND
-    torch.testing.assert_close(server.strategy.factors["m"].A, ref_A, rtol=0, atol=1e-6)
+    for i, part in enumerate("AB"):
+        ref = getattr(before["m"], part) + sum(d["m"][i] for d in deltas) / PER_ROUND
+        torch.testing.assert_close(getattr(server.strategy.factors["m"], part), ref, rtol=0, atol=1e-6)
 
 
-def test_clients_are_poisson_sampled_from_os_entropy():
+def test_clients_are_poisson_sampled_from_os_entropy(monkeypatch):
+    rounds = range(1, 201)  # 16 possible samples a round: two equal 200-round draws have odds 16**-200
     server = dp_server()
-    sizes = [len(server.sample(r)) for r in range(400)]
+    drawn = [server.sample(r) for r in rounds]
+    sizes = [len(c) for c in drawn]
     assert min(sizes) == 0 and max(sizes) == N  # any number of clients can take part
-    assert sum(sizes) / len(sizes) == pytest.approx(PER_ROUND, abs=0.25)
-    reproducible = dp_server(reproducible=True)
-    assert [reproducible.sample(r) for r in range(20)] == [dp_server(reproducible=True).sample(r) for r in range(20)]
+    assert sum(sizes) / len(sizes) == pytest.approx(PER_ROUND, abs=0.3)
+    # the seed cannot reproduce the sample: not another server of the same seed, not the seeded streams
+    assert drawn != [dp_server().sample(r) for r in rounds]
+    seeded = [dp_server(reproducible=True).sample(r) for r in rounds]
+    assert drawn != seeded and seeded == [dp_server(reproducible=True).sample(r) for r in rounds]
+    assert drawn != [sample_clients(N, PER_ROUND, 3, r) for r in rounds]
+    # and it does come from os.urandom: fixing its bytes fixes the sample
+    monkeypatch.setattr(privacy.os, "urandom", lambda n: bytes(range(n)))
+    assert [dp_server().sample(r) for r in rounds] == [dp_server().sample(r) for r in rounds]
 
 
 def test_reported_epsilon_is_opacus_rdp_for_the_poisson_sampled_gaussian_mechanism():

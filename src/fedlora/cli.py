@@ -7,6 +7,7 @@ import sys
 import typing
 from pathlib import Path
 
+from . import __version__
 from .config import ModelConfig, Task, TrainConfig, default_config_path, load_config, options
 from .errors import ConfigError
 from .strategies import METHODS
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedlora",
         description="Federated LoRA fine-tuning across clients of unequal rank budgets.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = _command(sub, "run", cmd_run, "run one federated experiment in-process",
                  "Run one experiment. With no CONFIG, runs the built-in default "
