@@ -84,3 +84,37 @@ def test_format_and_task_agree_or_the_config_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=r"output_dir: .*file is a file, not a directory"):
         load_config(None, [f'output_dir="{tmp_path / "file" / "run"}"'])
+
+
+def test_a_csv_whose_texts_are_all_blank_is_one_line(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("text,sentiment\n,a\n  ,b\n")
+    with pytest.raises(ConfigError, match=r"data.text_column: every row of .*x.csv has an empty 'text'"):
+        load_text_dataset(DataConfig(name=str(path)))
+    path.write_text("text,sentiment\nhello,a\n ,b\nbye,b\n")  # a blank row among others is dropped
+    assert load_text_dataset(DataConfig(name=str(path))).texts == ["hello", "bye"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_json_nested_beyond_python_s_recursion_is_one_line_naming_the_line(tmp_path, suffix):
+    path = tmp_path / f"x{suffix}"
+    deep = "[" * 100_000 + "]" * 100_000
+    row = f'{{"prompt": {deep}, "completion": "c"}}'
+    path.write_text(f'{{"prompt": "a", "completion": "b"}}\n{row}\n' if suffix == ".jsonl" else f"[{row}]")
+    where = " line 2" if suffix == ".jsonl" else ""  # a JSON list: the file
+    with pytest.raises(ConfigError, match=rf"data.name: .*x{suffix}{where} nests too deeply"):
+        load_dataset(chat(name=str(path), format="prompt-completion"))
+
+
+@pytest.mark.parametrize("override", ["train.lr=inf", "train.lr=nan", "privacy.dp_clip=inf", "privacy.clip_norm=inf",
+                                      "data.alpha=inf", "strategy.alpha=-inf", "strategy.fslora.server_lr=nan"])
+def test_infinite_and_nan_floats_are_refused_naming_the_key(override):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=rf"^{key}: .*a finite number.*got {value}"):
+        load_config(None, [override, "privacy.noise_multiplier=1.0"] if "dp_clip" in key else [override])
+
+
+def test_infinite_dp_clip_on_the_command_line_exits_2(capsys):
+    assert main(["run", "privacy.dp_clip=inf", "privacy.noise_multiplier=1.0", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "privacy.dp_clip" in err and "Traceback" not in err
