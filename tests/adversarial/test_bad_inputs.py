@@ -5,11 +5,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from fedlora.cli import main
 from fedlora.config import ConfigError, DataConfig, load_config
 from fedlora.data import load_dataset, load_text_dataset
 
+from ..conftest import TinyRegressor
 from ..test_data_sources import ALPACA, chat
 
 datasets = pytest.importorskip("datasets")
@@ -118,3 +120,79 @@ def test_infinite_dp_clip_on_the_command_line_exits_2(capsys):
     assert main(["run", "privacy.dp_clip=inf", "privacy.noise_multiplier=1.0", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "privacy.dp_clip" in err and "Traceback" not in err
+
+
+def small_adapter(tmp_path, head_bias: torch.Tensor, **config) -> tuple:
+    """A PEFT adapter over TinyRegressor's ``up`` layer with ``down`` as its head, ``config`` patched in."""
+    from fedlora.export import save_peft_adapter
+    from fedlora.lora import LoRAModel
+    from fedlora.types import ClientTask, Factors
+
+    g = torch.Generator().manual_seed(0)
+    task = ClientTask(factors={"up": Factors(A=torch.randn(2, 6, generator=g), B=torch.randn(5, 2, generator=g))},
+                      scale=1.0, head={"down.weight": torch.ones(4, 5), "down.bias": head_bias})
+    save_peft_adapter(task, tmp_path / "adapter", "tiny", alpha=4.0)
+    conf = tmp_path / "adapter" / "adapter_config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), **config}))
+    return tmp_path / "adapter", LoRAModel(TinyRegressor(), targets=["up"], head=["down.weight", "down.bias"])
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"r": 0}, r"adapter_config.json: r = 0 must be a positive rank"),
+    ({"r": "8"}, r"adapter_config.json: r = '8' must be a positive rank"),
+    ({"lora_alpha": float("inf")}, r"adapter_config.json: lora_alpha = inf must be a finite number"),
+])
+def test_init_adapter_with_a_bad_rank_or_alpha_is_one_line(tmp_path, config, message):
+    from fedlora.adapters import adapter_pairs
+
+    path, lm = small_adapter(tmp_path, torch.zeros(4), **config)
+    with pytest.raises(ConfigError, match=rf"model.init_adapter: .*{message}"):
+        adapter_pairs(path, lm)
+
+
+def test_init_adapter_with_a_head_of_the_wrong_shape_is_refused_naming_the_tensor(tmp_path):
+    from fedlora.adapters import start_from_adapter
+    from fedlora.methods import get_method
+    from fedlora.strategies import build_strategy
+
+    path, lm = small_adapter(tmp_path, torch.full((1,), 7.0))  # (1,) would broadcast over the (4,) bias
+    strategy = build_strategy("fslora", lm.shapes(), [2, 4], seed=0, global_rank=4, alpha=4.0)
+    before = lm.head_state()["down.bias"].clone()
+    with pytest.raises(ConfigError, match=r"model.init_adapter: .*down.bias is \(1,\) there, \(4,\) in this model"):
+        start_from_adapter(strategy, get_method("fslora"), str(path), lm)
+    assert torch.equal(lm.head_state()["down.bias"], before)
+    path, lm = small_adapter(tmp_path, torch.full((4,), 7.0))  # the right shape: loaded
+    start_from_adapter(strategy, get_method("fslora"), str(path), lm)
+    assert torch.equal(lm.head_state()["down.bias"], torch.full((4,), 7.0))
+
+
+def test_a_budgets_file_above_the_global_rank_is_refused_as_the_config_s_budgets_are(tmp_path):
+    from fedlora.budgets import client_budgets
+
+    (tmp_path / "b.toml").write_text("budgets = [2, 16, 4]\n")
+    over = [f'budgets.file="{tmp_path / "b.toml"}"', "data.num_clients=3", "strategy.global_rank=8"]
+    with pytest.raises(ConfigError, match=r"budgets.file: .*b.toml: budgets \[16\] exceed the global rank "
+                                          r"strategy.global_rank = 8"):
+        cfg = load_config(None, over)
+        client_budgets(cfg.budgets, 3, 0, cfg.strategy.global_rank)
+    with pytest.raises(ConfigError, match=r"budgets.per_client: budgets \[16\] exceed the global rank"):
+        load_config(None, ["budgets.per_client=[2, 16, 4]", "data.num_clients=3", "strategy.global_rank=8"])
+    cfg = load_config(None, [*over[:2], "strategy.global_rank=16"])
+    assert client_budgets(cfg.budgets, 3, 0, cfg.strategy.global_rank) == [2, 16, 4]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert_dir", "tiny_gpt2_dir"])
+def test_max_length_beyond_a_learned_position_table_is_one_line(request, tmp_path, capsys, fixture):
+    from ..conftest import tiny_overrides
+
+    path = tmp_path / "long.csv"
+    path.write_text("text,sentiment\n" + "".join(f"{' '.join(['word'] * 300)} {i},{'ab'[i % 2]}\n" for i in range(40)))
+    causal = {"model__task": '"causal-lm"', "model__targets": '["c_attn"]'} if "gpt2" in fixture else {}
+    args = tiny_overrides(request.getfixturevalue(fixture), tmp_path / "run", model__max_length=512,
+                          data__name=f'"{path}"', data__test_size=8, data__max_examples=0, data__num_clients=2,
+                          data__partition='"iid"', federation__rounds=1, **causal)
+    assert main(["run", *args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        "fedlora: error: model.max_length: 512 tokens exceed the 128 positions of the model")
+    assert main(["run", *args, "model.max_length=128", "--quiet"]) == 0  # at the table's size: it runs
