@@ -21,6 +21,7 @@ from fedlora.checkpoint import decode, encode, flatten, latest_checkpoint, list_
 from fedlora.cli import main
 from fedlora.config import ConfigError, PrivacyConfig
 from fedlora.export import save_peft_adapter
+from fedlora.outdir import LOCK, output_lock, prepare_output_dir
 from fedlora.server import FederatedServer
 from fedlora.strategies import METHODS
 from fedlora.strategies.fslora import FSLoRASettings
@@ -305,3 +306,61 @@ def test_a_run_in_which_no_round_was_aggregated_exits_3(tiny_bert_dir, tmp_path,
     assert last.startswith("fedlora: error: no round was aggregated") and "final accuracy" not in last
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "no_round_aggregated" and summary["rounds_aggregated"] == 0
+
+
+def test_a_planted_lock_link_is_refused_and_the_file_it_points_at_stays_whole(tmp_path, capsys):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("the user's own file\n" * 3)
+    for kind in ("symlink", "hardlink"):
+        out = tmp_path / kind
+        out.mkdir()
+        (out / LOCK).symlink_to(victim) if kind == "symlink" else os.link(victim, out / LOCK)
+        with pytest.raises(ConfigError, match=rf"{kind}: \.fedlora\.lock "
+                                              + ("is a symbolic link" if kind == "symlink" else "has 2 hard links")):
+            with output_lock(out):
+                pass
+        assert victim.read_text() == "the user's own file\n" * 3
+    assert main(["run", f'output_dir="{tmp_path / "symlink"}"', "--quiet"]) == 2  # refused before any loading
+    err = capsys.readouterr().err
+    assert one_error_line(err) and ".fedlora.lock is a symbolic link" in err
+    assert victim.read_text() == "the user's own file\n" * 3
+
+
+def test_the_lock_records_the_holder_s_pid_without_truncating(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK).write_text("9" * 40)  # longer than a pid record: overwritten in place, not cut
+    with output_lock(out):
+        assert (out / LOCK).read_text()[:20].strip() == str(os.getpid())
+    assert len((out / LOCK).read_text()) == 40
+
+
+def resolved_config(out: Path) -> str:
+    from fedlora.config import load_config, to_toml
+
+    return to_toml(load_config(None, [f'output_dir="{out}"']))
+
+
+def test_a_fresh_run_refuses_a_non_empty_directory_that_holds_no_run(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "adapter").mkdir(parents=True)
+    mine = {out / "notes.txt": "mine", out / "data.tmp123": "mine too", out / "adapter" / "weights.bin": "mine too"}
+    for p, text in mine.items():
+        p.write_text(text)
+    with pytest.raises(ConfigError, match=r"mine is not empty \(adapter, data.tmp123, notes.txt\) and holds no "
+                                          r"fedlora run; .* or pass --overwrite"):
+        prepare_output_dir(out, overwrite=False, resume=False)
+    assert main(["run", f'output_dir="{out}"', "--quiet"]) == 2
+    assert one_error_line(capsys.readouterr().err)
+    assert {p: p.read_text() for p in mine} == mine and temps(out) == ["data.tmp123"]
+    assert prepare_output_dir(out, overwrite=True, resume=False) == 0  # --overwrite: as before
+    started = tmp_path / "started"  # a run stopped before its first round left its resolved config: a run
+    started.mkdir()
+    (started / "config.toml").write_text(resolved_config(started))
+    assert prepare_output_dir(started, overwrite=False, resume=False) == 0
+    (started / "config.toml").write_text('[train]\nlr = 0.1\n')  # a user's own partial config is not
+    with pytest.raises(ConfigError, match=r"is not empty \(config.toml\) and holds no fedlora run"):
+        prepare_output_dir(started, overwrite=False, resume=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert prepare_output_dir(empty, overwrite=False, resume=False) == 0
