@@ -111,6 +111,7 @@ def position_limit(model: nn.Module) -> int | None:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TASK_HEADS = ("classifier", "score")  # transformers' sequence-classification heads (BERT/RoBERTa; Llama/GPT-2/Qwen)
 COMPUTE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -128,10 +129,14 @@ def quantization_config(cfg: ModelConfig, precision: str, device: torch.device):
         from transformers import BitsAndBytesConfig
     except ImportError:
         raise ConfigError(f"{key}: needs bitsandbytes (pip install bitsandbytes)") from None
+    # A classifier's head is created fresh and trained in full (PEFT's modules_to_save): it stays in float, as
+    # PEFT and transformers keep it (quantised, bitsandbytes asserts on the fresh weight). A causal LM keeps
+    # transformers' own default skips (its output layer): a list given here would replace them.
+    skip = {"llm_int8_skip_modules": list(TASK_HEADS)} if cfg.task != "causal-lm" else {}
     if cfg.quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=cfg.double_quant,
-                              bnb_4bit_compute_dtype=COMPUTE[precision])
+                              bnb_4bit_compute_dtype=COMPUTE[precision], **skip)
 
 
 def load_model(cfg: ModelConfig, num_labels: int, seed: int, device: torch.device | None = None,

@@ -10,6 +10,7 @@ import torch
 from fedlora.cli import main
 from fedlora.config import ConfigError, DataConfig, load_config
 from fedlora.data import load_dataset, load_text_dataset
+from fedlora.experiment import build_experiment
 
 from ..conftest import TinyRegressor
 from ..test_data_sources import ALPACA, chat
@@ -196,3 +197,36 @@ def test_max_length_beyond_a_learned_position_table_is_one_line(request, tmp_pat
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
         "fedlora: error: model.max_length: 512 tokens exceed the 128 positions of the model")
     assert main(["run", *args, "model.max_length=128", "--quiet"]) == 0  # at the table's size: it runs
+
+
+def test_a_4bit_sequence_classifier_keeps_its_head_out_of_quantisation_and_trains(tiny_bert_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from ..conftest import tiny_overrides
+
+    model_dir = tmp_path / "bert64"  # bitsandbytes' CPU kernels want layers at least 64 wide
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=128, max_position_embeddings=128)).save_pretrained(model_dir)
+    out = tmp_path / "q"
+    code = main(["run", *tiny_overrides(model_dir, out, model__quantization='"4bit"', federation__rounds=1),
+                 "--quiet"])
+    err = capsys.readouterr().err
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        assert code == 2 and "model.quantization=4bit: needs bitsandbytes" in err and err.count("error") == 1
+        return
+    assert code == 0 and "Traceback" not in err, err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["train_loss"] > 0
+    exp = build_experiment(load_config(out / "config.toml", [f'output_dir="{tmp_path / "again"}"']))
+    model = exp.lm.model
+    assert isinstance(exp.lm.layers["bert.encoder.layer.0.attention.self.query"].base, bnb.nn.Linear4bit)
+    assert type(model.classifier) is torch.nn.Linear and model.classifier.weight.dtype == torch.float32
+    assert exp.lm.head_names == ["classifier.bias", "classifier.weight"]
+    from safetensors.torch import load_file
+
+    trained = load_file(str(out / "adapter" / "adapter_model.safetensors"))["base_model.model.classifier.weight"]
+    assert not torch.equal(trained, model.classifier.weight.detach())  # the head was trained (and exported)
