@@ -53,9 +53,12 @@ def read_adapter(path: Path, key: str = KEY) -> tuple[dict, dict[str, Tensor]]:
     return config, load_file(str(weights))
 
 
-def adapter_scale(config: dict) -> float:
+def adapter_scale(config: dict, where: Path | str = "adapter_config.json") -> float:
     """The forward scale PEFT applies: ``lora_alpha / r`` (rsLoRA: ``/ sqrt(r)``)."""
-    r, alpha = config["r"], config["lora_alpha"]
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    check(KEY, isinstance(r, int) and not isinstance(r, bool) and r > 0, f"{where}: r = {r!r} must be a positive rank")
+    check(KEY, isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha),
+          f"{where}: lora_alpha = {alpha!r} must be a finite number")
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
@@ -76,7 +79,11 @@ def adapter_pairs(path: Path, lm: LoRAModel) -> tuple[LoRAState, dict[str, Tenso
     if extra:
         raise ConfigError(f"{KEY}: {path} adapts modules this run does not ({extra[0]}...): set model.targets to match")
     head = {n: tensors[PEFT_PREFIX + n] for n in lm.head_names if PEFT_PREFIX + n in tensors}
-    return pairs, head, adapter_scale(config)
+    own = lm.head_state()
+    for n, t in head.items():  # copy_ would broadcast a (1,) tensor over the whole head without a word
+        check(KEY, t.shape == own[n].shape,
+              f"{path}: {n} is {tuple(t.shape)} there, {tuple(own[n].shape)} in this model")
+    return pairs, head, adapter_scale(config, path / "adapter_config.json")
 
 
 def start_from_adapter(strategy, method: Method, path: str, lm: LoRAModel) -> None:

@@ -37,12 +37,17 @@ def rank_probabilities(num_ranks: int, distribution: str) -> np.ndarray:
     raise ValueError(f"budget distribution must be one of {get_args(Distribution)}, got {distribution!r}")
 
 
-def client_budgets(cfg: BudgetConfig, num_clients: int, seed: int) -> list[int]:
-    """One rank budget per client, reproducible from the seed."""
+def client_budgets(cfg: BudgetConfig, num_clients: int, seed: int, global_rank: int | None = None) -> list[int]:
+    """One rank budget per client, reproducible from the seed. ``global_rank``: the cap the file's
+    budgets are checked against (the config's own budgets are checked when it loads)."""
     if cfg.file:
         per_client = read_budgets_file(Path(cfg.file))
         if len(per_client) != num_clients:
             raise ConfigError(f"budgets.file: {len(per_client)} budgets for {num_clients} clients")
+        too_big = [b for b in per_client if global_rank is not None and b > global_rank]
+        if too_big:
+            raise ConfigError(f"budgets.file: {cfg.file}: budgets {too_big} exceed the global rank "
+                              f"strategy.global_rank = {global_rank}")
         return per_client
     if cfg.per_client:
         return list(cfg.per_client)

@@ -20,7 +20,9 @@ import hashlib
 import json
 import os
 import re
+import reprlib
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +114,30 @@ def decode(data: bytes, name: str = "checkpoint") -> dict:
     if _digest(text, tensors) != digest:
         raise CorruptCheckpoint(f"{name}: checksum mismatch (truncated or corrupted)")
     try:
-        return unflatten(json.loads(text), tensors)
+        payload = unflatten(json.loads(text), tensors)
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise CorruptCheckpoint(f"{name}: malformed structure ({e})") from None
+    if not isinstance(payload, dict):
+        raise CorruptCheckpoint(f"{name}: malformed structure (a JSON {type(payload).__name__}, not a table)")
+    return payload
+
+
+def state_misfit(state: Any, reference: Any) -> str | None:
+    """Why ``state`` cannot be loaded where ``reference`` (a fresh object's state_dict) was taken: the
+    first tensor of the reference that ``state`` lacks or holds in another shape or dtype; None when
+    every one fits. Tensors only the state holds (e.g. what rounds accumulate) are not compared."""
+    try:
+        _, have = flatten(state)
+    except (TypeError, ValueError) as e:
+        return f"malformed state ({e})"
+    for key, want in flatten(reference)[1].items():
+        got = have.get(key)
+        if got is None:
+            return f"it holds no tensor {key}"
+        if got.shape != want.shape or got.dtype != want.dtype:
+            return (f"{key} is {tuple(got.shape)} {got.dtype} there, {tuple(want.shape)} {want.dtype} in this run "
+                    "(another rank or model?)")
+    return None
 
 
 def save_checkpoint(directory: Path, rnd: int, payload: dict, keep: int = 2) -> Path:
@@ -141,19 +164,30 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
-def latest_checkpoint(directory: Path) -> tuple[int, dict] | None:
+def latest_checkpoint(directory: Path, misfit: Callable[[dict], str | None] | None = None) -> tuple[int, dict] | None:
     """(round, payload) of the newest checkpoint that verifies, with a warning for each newer
-    one skipped; None when there is none; a ConfigError when there are some but none verifies."""
+    one skipped; None when there is none; a ConfigError when there are some but none verifies.
+
+    A checksum is keyless: it finds damage, not a crafted file. So a payload whose ``round`` is not
+    its file name's (a renamed file) is skipped too, and so is one that ``misfit`` (the reason a
+    payload cannot be this run's, or None) refuses.
+    """
     skipped: list[str] = []
     for path in reversed(list_checkpoints(directory)):
+        rnd = int(PATTERN.match(path.name).group(1))
         try:
             payload = read_checkpoint(path)
+            said = payload.get("round", rnd)
+            if said != rnd or type(said) is not int:
+                raise CorruptCheckpoint(f"{path.name}: its payload is round {reprlib.repr(said)} (renamed?)")
+            if misfit is not None and (why := misfit(payload)):
+                raise CorruptCheckpoint(f"{path.name}: {why}")
         except CorruptCheckpoint as e:
             skipped.append(str(e))
             continue
         for reason in skipped:
             warnings.warn(f"skipping checkpoint {reason}; using {path.name}", stacklevel=2)
-        return int(PATTERN.match(path.name).group(1)), payload
+        return rnd, payload
     if skipped:
         raise ConfigError(f"no usable checkpoint in {directory}: {'; '.join(skipped)}; "
                           "pass --overwrite instead of --resume to start the run afresh")

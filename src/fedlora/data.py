@@ -75,6 +75,7 @@ def load_text_dataset(cfg: DataConfig, rows: Rows | None = None) -> TextDataset:
         if col:
             _need(rows, col, key)
     every = [r for r in rows.train + (rows.test or []) if _present(r.get(cfg.text_column))]
+    check("data.text_column", bool(every), f"every row of {rows.where} has an empty '{cfg.text_column}'")
     n_train = sum(_present(r.get(cfg.text_column)) for r in rows.train)
     labels, names = _labels(every, cfg.label_column, rows)
     return TextDataset(texts=[str(r[cfg.text_column]) for r in every], labels=labels, label_names=names,

@@ -140,7 +140,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         lm = LoRAModel(loaded.model, cfg.model.targets, head=loaded.head, dropout=cfg.model.dropout)
     except ValueError as e:
         raise ConfigError(f"model.targets: {e}") from None
-    budgets = client_budgets(cfg.budgets, cfg.data.num_clients, cfg.seed)
+    budgets = client_budgets(cfg.budgets, cfg.data.num_clients, cfg.seed, cfg.strategy.global_rank)
     server = FederatedServer(
         build_global_strategy(cfg, lm, budgets), lm.head_state(), budgets, [len(c) for c in data.clients],
         fingerprint=lm.fingerprint, min_clients=cfg.reliability.min_clients,

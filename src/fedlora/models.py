@@ -100,7 +100,18 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return str(Path(cfg.name).expanduser()) if looks_local else cfg.name
 
 
+def position_limit(model: nn.Module) -> int | None:
+    """The longest input a model with a learned table of absolute positions (BERT, GPT-2, RoBERTa)
+    can take; None for models without one (rotary ones such as Llama go on past their nominal length)."""
+    n = getattr(model.config, "max_position_embeddings", None)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and m.num_embeddings == n and ("position" in name or name.endswith("wpe")):
+            return n - (m.padding_idx + 1 if m.padding_idx is not None else 0)  # RoBERTa's start after its padding
+    return None
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TASK_HEADS = ("classifier", "score")  # transformers' sequence-classification heads (BERT/RoBERTa; Llama/GPT-2/Qwen)
 COMPUTE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -118,10 +129,14 @@ def quantization_config(cfg: ModelConfig, precision: str, device: torch.device):
         from transformers import BitsAndBytesConfig
     except ImportError:
         raise ConfigError(f"{key}: needs bitsandbytes (pip install bitsandbytes)") from None
+    # A classifier's head is created fresh and trained in full (PEFT's modules_to_save): it stays in float, as
+    # PEFT and transformers keep it (quantised, bitsandbytes asserts on the fresh weight). A causal LM keeps
+    # transformers' own default skips (its output layer): a list given here would replace them.
+    skip = {"llm_int8_skip_modules": list(TASK_HEADS)} if cfg.task != "causal-lm" else {}
     if cfg.quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=cfg.double_quant,
-                              bnb_4bit_compute_dtype=COMPUTE[precision])
+                              bnb_4bit_compute_dtype=COMPUTE[precision], **skip)
 
 
 def load_model(cfg: ModelConfig, num_labels: int, seed: int, device: torch.device | None = None,
@@ -173,6 +188,10 @@ def load_model(cfg: ModelConfig, num_labels: int, seed: int, device: torch.devic
             raise
         raise ConfigError(f"model.quantization={cfg.quantization}: bitsandbytes cannot load {cfg.name!r} on "
                           f"{device}: {str(e).splitlines()[0]}") from None
+    limit = position_limit(model)
+    if limit is not None and cfg.max_length > limit:  # a longer row would index past the table (an IndexError)
+        raise ConfigError(f"model.max_length: {cfg.max_length} tokens exceed the {limit} positions of the model "
+                          f"(its learned position table); set model.max_length <= {limit}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id

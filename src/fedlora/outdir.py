@@ -7,8 +7,11 @@ holder ends, however it ends (a crash or SIGKILL included), so no stale lock nee
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import os
 import reprlib
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,32 +27,68 @@ except ImportError:  # pragma: no cover - no flock (Windows): runs are not locke
 
 SUMMARY = "summary.json"  # written last: its presence marks a finished run
 LOCK = ".fedlora.lock"
+PID_WIDTH = 20  # bytes of the pid record in the lock file
+RUN_FILES = ("metrics.jsonl", "clients.json", SUMMARY, "checkpoints")  # names only a run writes
 
 
 @contextlib.contextmanager
 def output_lock(out: Path) -> Iterator[None]:
     """Hold ``out`` for the block; while it is held, another holder is refused (ConfigError)."""
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(out / LOCK)
     try:
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                pid = os.pread(fd, 20, 0).decode(errors="replace").strip() or "?"
+                pid = os.pread(fd, PID_WIDTH, 0).decode(errors="replace").strip() or "?"
                 raise ConfigError(f"output directory {out} is in use by another run (pid {pid}); wait for it to "
                                   "end, or set output_dir=... to run elsewhere") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid():<{PID_WIDTH - 1}}\n".encode(), 0)  # fixed width: overwrites, never truncates
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file's descriptor; one line when ``path`` is anything but fedlora's own regular file: a planted
+    symlink or hard link would otherwise have the pid written into (or truncate) the file it points at."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        why = "is a symbolic link" if e.errno == errno.ELOOP else f"cannot be opened ({e.strerror})"
+        raise ConfigError(f"output directory {path.parent}: {LOCK} {why}; remove it, or set output_dir=...") from None
+    st = os.fstat(fd)
+    why = ("is not a regular file" if not stat.S_ISREG(st.st_mode) else
+           f"has {st.st_nlink} hard links (another file shares it)" if st.st_nlink != 1 else "")
+    if why:
+        os.close(fd)
+        raise ConfigError(f"output directory {path.parent}: {LOCK} {why}; remove it, or set output_dir=...")
+    return fd
+
+
+def holds_run(out: Path) -> bool:
+    """True when ``out`` holds what a fedlora run writes: its outputs, or the resolved config.toml it writes
+    first (every table present), left by a run that stopped before its first round."""
+    if any((out / name).exists() for name in RUN_FILES):
+        return True
+    try:
+        written = read_toml(out / "config.toml")
+    except ConfigError:
+        return False
+    return {f.name for f in dataclasses.fields(RunConfig)} <= set(written)
 
 
 def prepare_output_dir(out: Path, overwrite: bool, resume: bool) -> int:
     """Make ``out`` ready (its lock held); return 0 to start afresh, -1 to continue from its checkpoint."""
     has_run = (out / "metrics.jsonl").exists()
     out.mkdir(parents=True, exist_ok=True)
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+    if others and not overwrite and not holds_run(out):  # a fresh start deletes and replaces files of a run's names
+        raise ConfigError(f"output directory {out} is not empty ({', '.join(others[:3])}"
+                          f"{', ...' if len(others) > 3 else ''}) and holds no fedlora run; set output_dir=... to "
+                          "an empty or new directory, or pass --overwrite to write into it")
     if has_run and not resume and not overwrite:
         raise ConfigError(f"output directory {out} already holds a run; pass --resume to "
                           "continue it, --overwrite to replace it, or set output_dir=...")

@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 
 from .adapters import peft_task_type
 from .atomic import write_atomic
-from .checkpoint import latest_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, save_checkpoint, state_misfit
 from .config import RunConfig, to_toml
 from .data import split_fingerprint
 from .device import gpu_peak_gib, reset_gpu_peak
+from .errors import ConfigError
 from .experiment import Experiment, build_experiment, evaluate_global
 from .export import save_peft_adapter
 from .models import resolve_model_path
@@ -32,23 +33,50 @@ FINISHED, NO_ROUND_AGGREGATED = "finished", "no_round_aggregated"  # summary.jso
 
 
 def restore(exp: Experiment, out: Path) -> int:
-    """Load the newest good checkpoint; cut metrics.jsonl back to it. Returns its round."""
-    found = latest_checkpoint(out / "checkpoints")
+    """Load the newest good checkpoint that fits this run; cut metrics.jsonl back to it. Returns its round."""
+    fresh = exp.server.state_dict()  # what this run's ranks and model give: a checkpoint must match it
+
+    def misfit(payload: dict) -> str | None:
+        if not isinstance(payload.get("server"), dict):
+            return "it holds no server state"
+        return state_misfit(payload["server"], fresh)
+
+    found = latest_checkpoint(out / "checkpoints", misfit)
     if found is None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
         return 0
     rnd, payload = found
-    exp.server.load_state_dict(payload["server"])
     kept = [r for r in read_metrics(out) if r["round"] <= rnd]
+    if not kept or kept[0]["round"] != 0 or "eval_loss" not in kept[0]:  # the run's "before": not redone now
+        raise ConfigError(f"--resume: {out / 'metrics.jsonl'} has no evaluation of round 0 (emptied?); pass "
+                          "--overwrite to start the run afresh")
+    try:
+        exp.server.load_state_dict(payload["server"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:  # a crafted payload of the right shapes
+        raise ConfigError(f"--resume: checkpoint of round {rnd} in {out / 'checkpoints'} does not fit this run "
+                          f"({type(e).__name__}: {str(e)[:120]}); pass --overwrite to start afresh") from None
     write_atomic(out / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
     return rnd
 
 
 def read_metrics(out: Path) -> list[dict]:
-    """The rows of ``metrics.jsonl`` (a torn last line, from a kill mid-write, is dropped)."""
+    """The rows of ``metrics.jsonl`` (a torn last line, from a kill mid-write, is dropped); a line that is
+    not a row with an integer ``round`` is one line naming it (ConfigError)."""
     path = out / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(ln) for ln in lines if ln.endswith("}")]
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if n == len(lines) and not line.endswith("}"):
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            row = None
+        if not isinstance(row, dict) or type(row.get("round")) is not int:
+            raise ConfigError(f"{path} line {n} is not a metrics row (a JSON object with an integer 'round'; edited "
+                              "or damaged?); pass --overwrite to start the run afresh")
+        rows.append(row)
+    return rows
 
 
 def eval_curve(out: Path, metric: str = "accuracy") -> list[tuple[int, float, float]]:

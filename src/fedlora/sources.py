@@ -19,6 +19,8 @@ from .resources import BUILTIN_DATA, builtin_path
 
 OWN_READERS = (".csv", ".json", ".jsonl")
 DATASETS_FILES = (".parquet", ".arrow")
+# json's decoder recurses once per nesting level: a hostile file can exhaust Python's stack
+TOO_DEEP = "nests too deeply for Python's JSON reader (lists or objects nested thousands deep)"
 
 
 @dataclass
@@ -136,6 +138,8 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"data.name: {path} line {n} is not valid JSON ({e.msg}, column {e.colno})") from None
+        except RecursionError:
+            raise ConfigError(f"data.name: {path} line {n} {TOO_DEEP}") from None
         check("data.name", isinstance(row, dict),
               f"{path} line {n} is a JSON {type(row).__name__}, not an object of columns")
         rows.append(row)
@@ -152,6 +156,8 @@ def _read_json(path: Path) -> tuple[list[dict], list[int] | None]:
         if e.msg == "Extra data":
             return _read_jsonl(path)
         raise ConfigError(f"data.name: {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except RecursionError:
+        raise ConfigError(f"data.name: {path} {TOO_DEEP}") from None
     check("data.name", isinstance(doc, list), f"{path} holds a JSON {type(doc).__name__}; expected a list of objects")
     bad = next((i for i, r in enumerate(doc) if not isinstance(r, dict)), None)
     check("data.name", bad is None, f"item {bad} of {path} is not an object of columns")

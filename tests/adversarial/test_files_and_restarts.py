@@ -8,6 +8,8 @@ import io
 import json
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +18,19 @@ import pytest
 import torch
 
 from fedlora.atomic import TEMP, write_atomic
-from fedlora.checkpoint import decode, encode, flatten, latest_checkpoint, list_checkpoints, save_checkpoint
+from fedlora.checkpoint import (
+    decode,
+    encode,
+    flatten,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+    save_checkpoint,
+)
 from fedlora.cli import main
 from fedlora.config import ConfigError, PrivacyConfig
 from fedlora.export import save_peft_adapter
+from fedlora.outdir import LOCK, output_lock, prepare_output_dir
 from fedlora.server import FederatedServer
 from fedlora.strategies import METHODS
 from fedlora.strategies.fslora import FSLoRASettings
@@ -296,3 +307,151 @@ def test_a_run_in_which_no_round_was_aggregated_exits_3(tiny_bert_dir, tmp_path,
     assert last.startswith("fedlora: error: no round was aggregated") and "final accuracy" not in last
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "no_round_aggregated" and summary["rounds_aggregated"] == 0
+
+
+def test_a_planted_lock_link_is_refused_and_the_file_it_points_at_stays_whole(tmp_path, capsys):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("the user's own file\n" * 3)
+    for kind in ("symlink", "hardlink"):
+        out = tmp_path / kind
+        out.mkdir()
+        (out / LOCK).symlink_to(victim) if kind == "symlink" else os.link(victim, out / LOCK)
+        with pytest.raises(ConfigError, match=rf"{kind}: \.fedlora\.lock "
+                                              + ("is a symbolic link" if kind == "symlink" else "has 2 hard links")):
+            with output_lock(out):
+                pass
+        assert victim.read_text() == "the user's own file\n" * 3
+    assert main(["run", f'output_dir="{tmp_path / "symlink"}"', "--quiet"]) == 2  # refused before any loading
+    err = capsys.readouterr().err
+    assert one_error_line(err) and ".fedlora.lock is a symbolic link" in err
+    assert victim.read_text() == "the user's own file\n" * 3
+
+
+def test_the_lock_records_the_holder_s_pid_without_truncating(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK).write_text("9" * 40)  # longer than a pid record: overwritten in place, not cut
+    with output_lock(out):
+        assert (out / LOCK).read_text()[:20].strip() == str(os.getpid())
+    assert len((out / LOCK).read_text()) == 40
+
+
+def resolved_config(out: Path) -> str:
+    from fedlora.config import load_config, to_toml
+
+    return to_toml(load_config(None, [f'output_dir="{out}"']))
+
+
+def test_a_fresh_run_refuses_a_non_empty_directory_that_holds_no_run(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "adapter").mkdir(parents=True)
+    mine = {out / "notes.txt": "mine", out / "data.tmp123": "mine too", out / "adapter" / "weights.bin": "mine too"}
+    for p, text in mine.items():
+        p.write_text(text)
+    with pytest.raises(ConfigError, match=r"mine is not empty \(adapter, data.tmp123, notes.txt\) and holds no "
+                                          r"fedlora run; .* or pass --overwrite"):
+        prepare_output_dir(out, overwrite=False, resume=False)
+    assert main(["run", f'output_dir="{out}"', "--quiet"]) == 2
+    assert one_error_line(capsys.readouterr().err)
+    assert {p: p.read_text() for p in mine} == mine and temps(out) == ["data.tmp123"]
+    assert prepare_output_dir(out, overwrite=True, resume=False) == 0  # --overwrite: as before
+    started = tmp_path / "started"  # a run stopped before its first round left its resolved config: a run
+    started.mkdir()
+    (started / "config.toml").write_text(resolved_config(started))
+    assert prepare_output_dir(started, overwrite=False, resume=False) == 0
+    (started / "config.toml").write_text('[train]\nlr = 0.1\n')  # a user's own partial config is not
+    with pytest.raises(ConfigError, match=r"is not empty \(config.toml\) and holds no fedlora run"):
+        prepare_output_dir(started, overwrite=False, resume=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert prepare_output_dir(empty, overwrite=False, resume=False) == 0
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tiny_bert_dir, tmp_path_factory) -> Path:
+    """A finished 2-round run (checkpoints of rounds 1 and 2), copied by each test that damages it."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    assert main(["run", *tiny_overrides(tiny_bert_dir, out, federation__eval_every=1), "--quiet"]) == 0
+    return out
+
+
+def damaged_copy(two_rounds: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(two_rounds, out)
+    return out
+
+
+def resume(tiny_bert_dir, out: Path, rounds: int = 2) -> int:
+    return main(["run", *tiny_overrides(tiny_bert_dir, out, federation__eval_every=1, federation__rounds=rounds),
+                 "--quiet", "--resume"])
+
+
+def other_rank(path: Path) -> str:
+    """Rewrite the checkpoint at ``path`` (a valid checksum) with one global factor cut to rank 4; its path
+    (``server/...``)."""
+    payload = read_checkpoint(path)
+    _, tensors = flatten(payload)
+    key = next(k for k in sorted(tensors) if "/factors/" in k and k.endswith("/A"))
+    node = payload
+    for part in key.split("/")[:-1]:
+        node = node[part]
+    node["A"] = node["A"][:4].clone()
+    path.write_bytes(encode(payload))
+    return key
+
+
+def test_a_checkpoint_of_another_rank_is_skipped_or_refused_in_one_line(tiny_bert_dir, two_rounds, tmp_path, capsys):
+    out = damaged_copy(two_rounds, tmp_path)
+    ck = out / "checkpoints"
+    key = other_rank(ck / "ckpt-000002.safetensors")
+    with pytest.warns(UserWarning, match=rf"skipping checkpoint ckpt-000002.safetensors: {re.escape(key[7:])} is "
+                                         r"\(4, 32\) torch.float32 there, \(8, 32\) torch.float32 in this run"
+                                         r".*using ckpt-000001"):
+        assert resume(tiny_bert_dir, out) == 0  # went on from round 1
+    assert [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    for p in list_checkpoints(ck):
+        other_rank(p)
+    capsys.readouterr()
+    assert resume(tiny_bert_dir, out) == 2
+    err = capsys.readouterr().err
+    assert one_error_line(err) and "no usable checkpoint" in err and "(another rank or model?)" in err
+
+
+def test_a_renamed_checkpoint_does_not_end_a_resume_early(tiny_bert_dir, two_rounds, tmp_path):
+    out = damaged_copy(two_rounds, tmp_path)
+    ck = out / "checkpoints"
+    (ck / "ckpt-000002.safetensors").rename(ck / "ckpt-000099.safetensors")  # its payload still says round 2
+    with pytest.warns(UserWarning, match=r"skipping checkpoint ckpt-000099.safetensors: its payload is round 2 "
+                                         r"\(renamed\?\); using ckpt-000001"):
+        assert resume(tiny_bert_dir, out, rounds=3) == 0
+    assert [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["rounds_aggregated"] == 3
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("emptied", r"metrics.jsonl has no evaluation of round 0 \(emptied\?\)"),
+    ("bad json", r"metrics.jsonl line 2 is not a metrics row"),
+    ("no round", r"metrics.jsonl line 2 is not a metrics row \(a JSON object with an integer 'round'"),
+])
+def test_resume_with_a_damaged_metrics_file_is_one_line(tiny_bert_dir, two_rounds, tmp_path, capsys, damage, message):
+    out = damaged_copy(two_rounds, tmp_path)
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = {"emptied": "", "bad json": '{"round": 1, "x": }\n', "no round": '{"rnd": 1}\n'}[damage]
+    (out / "metrics.jsonl").write_text("" if damage == "emptied" else "".join(lines))
+    capsys.readouterr()
+    assert resume(tiny_bert_dir, out) == 2
+    err = capsys.readouterr().err
+    assert one_error_line(err) and re.search(message, err)
+
+
+def test_a_checkpoint_whose_payload_names_another_round_is_skipped(tmp_path):
+    save_checkpoint(tmp_path, 1, {"round": 1, "x": torch.ones(2)}, keep=5)
+    save_checkpoint(tmp_path, 3, {"round": 2, "x": torch.zeros(2)}, keep=5)
+    save_checkpoint(tmp_path, 4, {"round": True, "x": torch.zeros(2)}, keep=5)  # a bool is not a round
+    with pytest.warns(UserWarning) as seen:
+        rnd, payload = latest_checkpoint(tmp_path)
+    assert rnd == 1 and torch.equal(payload["x"], torch.ones(2))
+    assert [str(w.message).split(";")[0] for w in seen] == [
+        "skipping checkpoint ckpt-000004.safetensors: its payload is round True (renamed?)",
+        "skipping checkpoint ckpt-000003.safetensors: its payload is round 2 (renamed?)"]

@@ -9,6 +9,7 @@ optional ones (``X | None``); a field without a default is a required key. A met
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -117,6 +118,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {' or '.join(errors)}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        # no setting means anything at infinity or NaN (0 turns off what can be off); such a value only
+        # surfaces later as a NaN model or a linear-algebra error
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
     if not isinstance(value, tp):
