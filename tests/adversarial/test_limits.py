@@ -20,8 +20,16 @@ pytest.importorskip("flwr")
 from flwr.app import Array, MetricRecord  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
+from fedlora.config import default_config_path, load_config  # noqa: E402
+from fedlora.errors import ConfigError  # noqa: E402
 from fedlora.flower import codec  # noqa: E402
-from fedlora.flower.run_config import RUN_ROUND_GRACE, RUN_SILENT_ROUNDS  # noqa: E402
+from fedlora.flower.run_config import (  # noqa: E402
+    RUN_MIN_BUDGET,
+    RUN_ROUND_GRACE,
+    RUN_ROUND_QUORUM,
+    RUN_SILENT_ROUNDS,
+    server_settings,
+)
 from fedlora.types import ClientTask, ClientUpdate, Factors  # noqa: E402
 from fedlora.validate import Reject, check_update, decode_updates  # noqa: E402
 
@@ -180,3 +188,20 @@ def test_a_silent_node_costs_one_grace_period_then_is_benched_until_it_answers(t
     assert "node 1002 benched: no answer 1 times in a row" in log
     assert "round 2: client 2 not sent its task: its node 1002 is benched (silent)" in log
     assert "node 1002 answers again: it is sent work again" in log
+
+
+@pytest.mark.parametrize("key, value, error", [
+    (RUN_ROUND_GRACE, -1.0, "'round-grace': -1.0 is not a number of seconds >= 0"),
+    (RUN_ROUND_GRACE, float("inf"), "'round-grace': inf is not a number"),
+    (RUN_ROUND_QUORUM, 0, "'round-quorum': 0.0 not in (0, 1]"),
+    (RUN_ROUND_QUORUM, 1.5, "'round-quorum': 1.5 not in (0, 1]"),
+    (RUN_SILENT_ROUNDS, -1, "'silent-rounds': -1 must be >= 0"),
+    (RUN_SILENT_ROUNDS, 2.5, "'silent-rounds': expected int, got 2.5"),
+    (RUN_MIN_BUDGET, 0, "'min-budget': 0 not in [1, strategy.global_rank"),
+    (RUN_MIN_BUDGET, 10**6, "'min-budget': 1000000 not in [1, strategy.global_rank"),
+])
+def test_bad_limit_settings_are_one_line_naming_the_key(key, value, error):
+    cfg = load_config(default_config_path(), [])
+    with pytest.raises(ConfigError) as e:
+        server_settings({key: value}, cfg)
+    assert str(e.value).startswith(f"run config {error}"), str(e.value)
