@@ -96,7 +96,8 @@ def test_failing_and_vanished_nodes_are_dropped_and_named(tiny_bert_dir, tmp_pat
     assert "round 2: node 1001 (client 1) dropped: ValueError" in caplog.text
     assert "round 3: client 2 dropped: its node 1002 is not connected" in caplog.text
     assert "round 3: node 1003 (client 3) dropped: Node Unavailable" in caplog.text
-    assert "round 3: node 1004 (client 4) dropped: no reply within 0.5 s after 4 of 5 answered (round-grace)" in caplog.text
+    assert "round 3: node 1004 (client 4) dropped: no reply within 0.5 s after 4 of 5 answered " \
+           "(round-grace)" in caplog.text
     assert "node 1 " not in caplog.text  # the SuperLink's error is pinned on the node it is about
     assert rows[2]["clients"] == 5 and rows[2]["dropped"] == 3  # clients 0 and 5 aggregated
     assert (tmp_path / "f" / "summary.json").exists() and summary["final_accuracy"] >= 0

@@ -70,8 +70,8 @@ def collect(grid: Grid, msgs: Mapping[Hashable, Message], wait: Wait, pings: Map
             why = f"no reply within {wait.timeout:.0f} s (round-timeout)"
             break
         if quorum_at is not None and now - quorum_at >= wait.grace:
-            why = f"no reply within {wait.grace:g} s after {len(msgs) - len(waiting)} of {len(msgs)} answered " \
-                  "(round-grace)"
+            answered = len(out.replies) + len(out.errors)
+            why = f"no reply within {wait.grace:g} s after {answered} of {len(msgs)} answered (round-grace)"
             break
         time.sleep(POLL_S)
     out.unanswered = {key_of[i]: why for i in waiting}

@@ -101,9 +101,12 @@ class GridRounds:
         self.strikes.ping(self.grid, online, codec.QUERY)
         got = collect(self.grid, msgs, self.wait, self.strikes.pings)
         node = {k: m.metadata.dst_node_id for k, m in msgs.items()}
-        self.strikes.record([node[k] for k in (*got.replies, *got.errors)] + list(got.pings),
+        pinged = {n: r for n, r in got.pings.items() if not r.has_error()}
+        for n in got.pings.keys() - pinged.keys():  # e.g. the SuperLink's "node unavailable": ping again
+            self.strikes.pings.pop(n, None)
+        self.strikes.record([node[k] for k in (*got.replies, *got.errors)] + list(pinged),
                             [node[k] for k in got.unanswered])
-        new = {(codec.QUERY, n): r for n, r in got.pings.items() if n not in self.asked and not r.has_error()}
+        new = {(codec.QUERY, n): r for n, r in pinged.items() if n not in self.asked}
         self._read_profiles(new, {}, online)  # a node benched before it registered: its ping is its profile
         return got.replies, {**got.errors, **got.unanswered}
 
