@@ -9,6 +9,7 @@ is a rejection too, never an exception that ends the run.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,22 @@ class Reject(str, enum.Enum):
     FINGERPRINT = "fingerprint_mismatch"  # trained on a different base model
     MALFORMED = "malformed"  # did not decode: missing or ill-typed fields, unknown keys, tensors that are no LoRA pair
     STALE = "stale"  # does not carry this round's nonce: replayed, or an answer to another task
+    TOO_LARGE = "too_large"  # a tensor holds more bytes than the task's shape and dtype allow
+    BAD_METRICS = "bad_metrics"  # too many metrics, a long name, or a value not finite or out of bounds
+
+
+# What a client may report besides its factors: a few short-named, finite, bounded numbers
+# (train_loss, steps, ...). A value outside them says the client is broken or lying; its
+# whole update is set aside, so no bad number reaches the round's metrics.
+MAX_METRICS, MAX_METRIC_NAME, METRIC_BOUND = 32, 64, 1e6
+
+
+class RejectedReply(ValueError):
+    """Raised by a decoder for a reply that is bad in a way that has its own reason."""
+
+    def __init__(self, reason: Reject, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -41,6 +58,18 @@ class Rejection:
 
     def __str__(self) -> str:
         return f"client {self.cid}: {self.reason.value} ({self.detail})"
+
+
+def metrics_problem(metrics: Mapping[str, Any]) -> str | None:
+    """What is wrong with a client's metrics (count, names, values), or None."""
+    if len(metrics) > MAX_METRICS:
+        return f"{len(metrics)} metrics, at most {MAX_METRICS}"
+    for k, v in metrics.items():
+        if not isinstance(k, str) or len(k) > MAX_METRIC_NAME:
+            return f"metric name {str(k)[:40]!r}... longer than {MAX_METRIC_NAME} characters"
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > METRIC_BOUND:
+            return f"metric {k!r} = {v!r}"[:120] + f" is not a finite number in [-{METRIC_BOUND:g}, {METRIC_BOUND:g}]"
+    return None
 
 
 def check_update(task: ClientTask, update: ClientUpdate, max_examples: int,
@@ -81,6 +110,8 @@ def check_update(task: ClientTask, update: ClientUpdate, max_examples: int,
             return bad(Reject.NON_FINITE, f"head {name} holds NaN or Inf")
     if not 0 < update.num_examples <= max_examples:
         return bad(Reject.BAD_EXAMPLE_COUNT, f"{update.num_examples} not in [1, {max_examples}]")
+    if (problem := metrics_problem(update.metrics)) is not None:
+        return bad(Reject.BAD_METRICS, problem)
     return None
 
 
@@ -133,6 +164,8 @@ def decode_updates(
             continue
         try:
             decoded.append((cid, decode(reply, tasks[cid])))
+        except RejectedReply as e:
+            rejected.append(Rejection(cid, e.reason, str(e)[:200]))
         except Exception as e:  # noqa: BLE001 - untrusted input: any failure is a malformed reply
             detail = " ".join(f"{type(e).__name__}: {e}".split())[:200]
             rejected.append(Rejection(cid, Reject.MALFORMED, detail))

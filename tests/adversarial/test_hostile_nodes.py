@@ -20,6 +20,7 @@ from fedlora.flower.run_config import (  # noqa: E402
     NODE_BUDGET,
     NODE_PARTITION,
     RUN_CONFIG_FILE,
+    RUN_MIN_BUDGET,
     RUN_MIN_NODES,
     RUN_OVERRIDES,
     RUN_REGISTRY,
@@ -88,7 +89,7 @@ def head_as(dtype):
 
 MALFORMED = {  # node -> (the lie, the reason it is rejected with)
     1001: (edit_arrays(grow_rank), "wrong_shape"),
-    1002: (edit_arrays(to_3d), "malformed (ValueError: Factors need A (r, in) and B (out, r)"),
+    1002: (edit_arrays(to_3d), "wrong_shape (lora."),  # read from the metadata, before any tensor is built
     1003: (set_meta("num_examples", None), "malformed (Malformed: missing field 'num_examples')"),
     1004: (set_meta("num_examples", 2.5), "malformed (Malformed: field 'num_examples' must be int"),
     1005: (edit_arrays(head_as(torch.int64)), "wrong_dtype (head classifier.weight is torch.int64"),
@@ -187,21 +188,58 @@ def test_replayed_updates_are_rejected_as_stale(tiny_bert_dir, tmp_path, caplog)
     assert "round 2: rejected client 1: stale (it does not carry the nonce of this round's task)" in caplog.text
 
 
-@pytest.mark.parametrize("linger", [False, True], ids=["gone", "still-listed"])
-def test_a_restarted_node_is_registered_again_and_trains_from_the_next_round(tiny_bert_dir, tmp_path, linger):
+@pytest.mark.parametrize("linger, key, dropped", [
+    (False, b"fresh", [[], [1], []]),  # the old node is gone: a new node may take its client
+    (True, b"fresh", [[], [1], [1]]),  # refused while the old id is listed, and never later
+    (True, None, [[], [1], []]),  # same key: its client back at once, old id listed or not
+], ids=["gone", "still-listed", "same-key"])
+def test_a_restarted_node_is_registered_again_and_trains_from_the_next_round(tiny_bert_dir, tmp_path, linger,
+                                                                             key, dropped, caplog):
     new = {}
 
     def faults(grid, rnd, exp):
-        if rnd == 2:  # node 1001 restarts: new node id, new key
-            new["id"] = grid.restart(1001, public_key=b"fresh", linger=linger)
+        if rnd == 2:  # node 1001 restarts: new node id, a new key or the same one
+            new["id"] = grid.restart(1001, public_key=key, linger=linger)
         if rnd == 3:
             grid.offline.add(1001)  # by now the SuperLink has noticed
 
     out = tmp_path / str(linger)
-    flower_run(tiny_overrides(tiny_bert_dir, out, federation__fraction=1.0, federation__rounds=3,
-                              data__num_clients=3), 3, on_round=faults, public_keys=[b"k0", b"k1", b"k2"])
-    assert [r["dropped_clients"] for r in rows(out)] == [[], [1], []]
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        flower_run(tiny_overrides(tiny_bert_dir, out, federation__fraction=1.0, federation__rounds=3,
+                                  data__num_clients=3), 3, on_round=faults, public_keys=[b"k0", b"k1", b"k2"])
+    assert [r["dropped_clients"] for r in rows(out)] == dropped
     assert new["id"] == 1003
+    assert ("node 1003 refused: slot_taken" in caplog.text) == (dropped[2] == [1])
+
+
+def test_an_owner_back_under_its_node_id_is_asked_again_and_keeps_its_client(tiny_bert_dir, tmp_path, caplog):
+    grids = []
+
+    def faults(grid, rnd, exp):
+        grids.append(grid)
+        if rnd == 2:
+            grid.offline.add(1001)  # the SuperLink lost it for a while
+        if rnd == 3:
+            grid.offline.discard(1001)  # it reconnects under the same node id
+
+    out = tmp_path / "back"
+    flower_run(tiny_overrides(tiny_bert_dir, out, federation__fraction=1.0, federation__rounds=3,
+                              data__num_clients=3), 3, on_round=faults)
+    assert [r["dropped_clients"] for r in rows(out)] == [[], [1], []]
+    assert grids[0].sent[1001, codec.QUERY] == 2  # asked once at registration, once on its return
+
+
+def test_a_budget_below_the_operators_floor_cannot_set_fedits_common_rank(tiny_bert_dir, tmp_path, caplog):
+    kw = dict(strategy__name="fedit", federation__fraction=1.0, federation__rounds=1,
+              budgets__per_client="[8, 8, 8, 8]")
+    exp, _ = flower_run(tiny_overrides(tiny_bert_dir, tmp_path / "open", **kw), 4, budgets=[4, 1, 8, 8],
+                        **{RUN_MIN_NODES: 3})
+    assert exp.server.strategy.rank == 1  # without a floor one node sets the rank of all
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        exp, _ = flower_run(tiny_overrides(tiny_bert_dir, tmp_path / "floor", **kw), 4, budgets=[4, 1, 8, 8],
+                            **{RUN_MIN_NODES: 3, RUN_MIN_BUDGET: 4})
+    assert exp.server.strategy.rank == 4 and rows(tmp_path / "floor")[0]["dropped_clients"] == [1]
+    assert "node 1001 refused: below_floor (budget 1 for client 1 is below the run's floor 4" in caplog.text
 
 
 def test_fedit_takes_its_common_rank_from_the_registered_budgets(tiny_bert_dir, tmp_path, caplog):

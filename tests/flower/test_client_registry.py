@@ -37,20 +37,33 @@ def test_out_of_range_ids_are_refused_and_budgets_clamped_into_1_to_global_rank(
     assert "node 8 (client 1): budget 1000000 clamped to 8" in caplog.text
 
 
-def test_a_second_claim_is_refused_while_the_first_node_is_online_then_takes_over():
+def test_a_refused_slot_taken_claim_never_becomes_a_holder_later():
     reg = open_registry()
     assert reg.claim(5, b"k5", 0, 2, {5, 6}) is None
     assert reg.claim(6, b"k6", 0, 8, {5, 6}).reason is Refuse.SLOT_TAKEN
-    reg.retry({5, 6})
-    assert reg.node_of(0) == 5 and reg.budgets[0] == 2  # the first keeps it
-    reg.retry({6})  # node 5 is gone (a restarted SuperNode with a fresh key looks like this)
-    assert reg.node_of(0) == 6 and reg.budgets[0] == 8 and not reg.pending
+    # node 5 blinks offline: node 6 asks again, under its id or from a new id with its key
+    assert reg.claim(6, b"k6", 0, 8, {6}).reason is Refuse.SLOT_TAKEN
+    assert reg.claim(16, b"k6", 0, 8, {16}).reason is Refuse.SLOT_TAKEN
+    assert reg.node_of(0) == 5 and reg.budgets[0] == 2
+    assert reg.claim(5, b"k5", 0, 2, {5, 6}) is None and reg.node_of(0) == 5  # the owner keeps it
+    assert reg.claim(7, b"k7", 0, 4, {7}) is None and reg.node_of(0) == 7  # a node never refused, owner gone
 
 
 def test_the_same_key_under_a_new_node_id_gets_its_client_back_at_once():
     reg = open_registry()
     reg.claim(5, b"key-a", 1, 4, {5})
-    assert reg.claim(11, b"key-a", 1, 4, {5, 11}) is None and reg.node_of(1) == 11
+    assert reg.claim(11, b"key-a", 1, 4, {5, 11}) is None and reg.node_of(1) == 11  # old id still listed
+
+
+def test_a_budget_below_the_operators_floor_is_refused_and_cannot_lower_a_common_rank(caplog):
+    reg = ClientRegistry(num_examples=[10, 20, 30], budgets=[4, 4, 8], global_rank=8, floor=4)
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        assert reg.claim(5, b"", 0, 1, {5}).reason is Refuse.BELOW_FLOOR
+        assert reg.claim(6, b"", 1, None, {6}) is None and reg.claim(7, b"", 2, 6, {7}) is None
+    assert 0 not in reg.holders and min(reg.budgets) == 4  # FedIT's common rank stays at the floor
+    assert "node 5 refused: below_floor (budget 1 for client 0 is below the run's floor 4 (run config " \
+           "min-budget))" in caplog.text
+    assert reg.claim(8, b"", 0, 4, {8}) is None  # the refusal is about the budget, not the client
 
 
 def test_example_counts_are_the_servers_and_the_registry_binds_clients_to_keys():

@@ -3,6 +3,9 @@
 Decoding what a node sends is strict: a missing or ill-typed field, an unknown key or a
 tensor that is no LoRA factor raises :class:`Malformed` (the server's screening turns it
 into a typed rejection of that client, see :func:`fedlora.validate.decode_updates`).
+Before any tensor of a reply is built, its keys, shapes, dtypes and byte sizes are read
+from the record's metadata and checked against what the task expects
+(:func:`check_reply_arrays`), so a reply costs the server at most what the task allows.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 from ..types import ClientTask, ClientUpdate, Factors, LoRAState, tensors_of
+from ..validate import MAX_METRICS, Reject, RejectedReply
 
 TRAIN, QUERY = "train", "query"
 ARRAYS, META, METRICS = "fedlora.arrays", "fedlora.meta", "fedlora.metrics"
 CONFIG_PREFIX = "config."
 GROUPS, PARTS = ("lora", "delta", "head"), ("A", "B")
+NPY_HEADER_MAX = 4096  # bytes of .npy header an Array's data may hold besides the raw values
 
 
 class Malformed(ValueError):
@@ -63,6 +68,30 @@ def _factors(parts: dict[str, dict[str, Tensor]]) -> LoRAState:
     return {n: Factors(A=p["A"], B=p["B"]) for n, p in parts.items()}  # Factors checks (r, in) / (out, r)
 
 
+def check_reply_arrays(record: ArrayRecord, task: ClientTask) -> None:
+    """Each array of an update's record, from its metadata only (no tensor is built): a key the
+    task expects, its shape and dtype, and no more bytes than those allow (the ``.npy`` data
+    carries its own header, which could claim another shape than the metadata)."""
+    expected = tensors_of(ClientUpdate(factors=task.factors, num_examples=1, head=task.head,
+                                       freeze_A=task.freeze_A))
+    for key in record.keys():
+        want = expected.get(key)
+        if want is None and task.freeze_A and key.startswith("lora.") and key.endswith(".A"):
+            raise Malformed(f"{key[len('lora.'):]} is frozen and must not be sent"[:160])
+        if want is None:
+            raise Malformed(f"unexpected tensor {key!r}"[:160])
+        arr = record[key]
+        name = f"head {key[len('head.'):]}" if key.startswith("head.") else key
+        if tuple(arr.shape) != tuple(want.shape):
+            raise RejectedReply(Reject.WRONG_SHAPE, f"{name} is {tuple(arr.shape)}"[:120] +
+                                f", expected {tuple(want.shape)}")
+        if f"torch.{arr.dtype}" != str(want.dtype):
+            raise RejectedReply(Reject.WRONG_DTYPE, f"{name} is torch.{arr.dtype}"[:120] + f", expected {want.dtype}")
+        allowed = want.numel() * want.element_size() + NPY_HEADER_MAX
+        if len(arr.data) > allowed:
+            raise RejectedReply(Reject.TOO_LARGE, f"{name} holds {len(arr.data)} bytes, at most {allowed}")
+
+
 def encode_task(task: ClientTask, rnd: int) -> RecordDict:
     meta = {"round": rnd, "scale": float(task.scale), "freeze_A": bool(task.freeze_A),
             "fingerprint": task.fingerprint, "nonce": task.nonce}
@@ -99,15 +128,17 @@ def decode_update(content: RecordDict, task: ClientTask) -> ClientUpdate:
     frozen = _field(meta, "freeze_A", bool)
     if frozen != task.freeze_A:
         raise Malformed(f"freeze_A={frozen} answers a task with freeze_A={task.freeze_A}")
+    check_reply_arrays(content.array_records[ARRAYS], task)
     lora, _, head = _unpack(content.array_records[ARRAYS], ("lora", "head"))
-    if frozen:
+    if frozen:  # A was not sent (check_reply_arrays refused it): restored from the task
         for name, parts in lora.items():
-            if "A" in parts:
-                raise Malformed(f"{name}.A is frozen and must not be sent")
             if name in task.factors:
                 parts["A"] = task.factors[name].A
     metrics = {}
-    for k, v in (content.metric_records[METRICS] if METRICS in content.metric_records else {}).items():
+    record = content.metric_records[METRICS] if METRICS in content.metric_records else {}
+    if len(record) > MAX_METRICS:  # before reading them: a node may send 100,000
+        raise RejectedReply(Reject.BAD_METRICS, f"{len(record)} metrics, at most {MAX_METRICS}")
+    for k, v in record.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise Malformed(f"metric {k!r} must be a number, got {type(v).__name__}"[:160])
         metrics[k] = float(v)

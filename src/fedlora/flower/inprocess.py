@@ -33,8 +33,10 @@ class InProcessGrid(Grid):
         for i, nc in enumerate(node_configs):
             self.add_node(nc, public_keys[i] if public_keys else b"")
         # fault injection: `offline` nodes are no longer listed; `silent` ones take messages
-        # and never answer; messages to `unreachable` ones come back as the SuperLink's
-        # "node unavailable" error (what a SuperLink sends once a node stops heartbeating)
+        # and answer none while silent (a message is handled when it is pulled after the node
+        # leaves `silent`, as a SuperNode that wakes up handles what waited for it); messages
+        # to `unreachable` ones come back as the SuperLink's "node unavailable" error (what a
+        # SuperLink sends once a node stops heartbeating)
         self.offline: set[int] = set()
         self.silent: set[int] = set()
         self.unreachable: set[int] = set()
@@ -42,6 +44,7 @@ class InProcessGrid(Grid):
         self.tamper: dict[int, Callable[[Message, Message], Message]] = {}
         self.sent: Counter[tuple[int, str]] = Counter()  # (node, message type) -> messages delivered
         self._replies: dict[str, Message] = {}
+        self._held: dict[str, Message] = {}  # messages a silent node took
         self._ids = itertools.count()
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 1
 
@@ -87,22 +90,31 @@ class InProcessGrid(Grid):
             key = msg.metadata.__dict__["_message_id"] = str(next(self._ids))  # as Flower's grids do
             ids.append(key)
             if node in self.silent:
+                self._held[key] = msg
                 continue
-            if node in self.unreachable:
-                reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=msg)
-                reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # sent by the SuperLink
-                self._replies[key] = reply
-                continue
-            self.sent[node, msg.metadata.message_type] += 1
-            try:
-                reply = self.client_app(msg, self.contexts[node])
-                self._replies[key] = self.tamper[node](msg, reply) if node in self.tamper else reply
-            except Exception as e:  # as a SuperNode does: the failure becomes an error reply
-                self._replies[key] = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"),
-                                             reply_to=msg)
+            self._deliver(key, msg)
         return ids
 
+    def _deliver(self, key: str, msg: Message) -> None:
+        node = msg.metadata.dst_node_id
+        if node in self.unreachable:
+            reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # sent by the SuperLink
+            self._replies[key] = reply
+            return
+        self.sent[node, msg.metadata.message_type] += 1
+        try:
+            reply = self.client_app(msg, self.contexts[node])
+            self._replies[key] = self.tamper[node](msg, reply) if node in self.tamper else reply
+        except Exception as e:  # as a SuperNode does: the failure becomes an error reply
+            self._replies[key] = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
+
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        message_ids = list(message_ids)
+        for i in message_ids:
+            msg = self._held.get(i)
+            if msg is not None and msg.metadata.dst_node_id not in self.silent | self.offline:
+                self._deliver(i, self._held.pop(i))
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:

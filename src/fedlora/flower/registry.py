@@ -4,9 +4,13 @@ A node says which partition of the split it holds and, optionally, the rank budg
 can afford. The server decides the rest:
 
 - a partition id must name a client of this run; the first node to claim a client keeps
-  it while that node is online (a second claim is refused and logged);
-- a budget is clamped to ``[1, cap]`` (logged), where the cap is ``strategy.global_rank``
-  or the operator's cap for that client; a node that gives none gets the config's budget;
+  it while that node is online (a second claim is refused and logged). A refused claim
+  stays refused: that node (id or key) never takes that client later, even when its
+  holder goes offline for a moment;
+- a budget above the cap (``strategy.global_rank`` or the operator's cap for that
+  client) is clamped to it (logged); one below the operator's floor (run config
+  ``min-budget``) is refused, since it would lower a common rank (FedIT's) for everyone;
+  a node that gives none gets the config's budget;
 - example counts, which weigh each client's update, are the server's: the size of the
   client's partition in the split the server computed, or the operator's number;
 - each client is bound to its node's Flower identity: its public key (every SuperNode
@@ -40,6 +44,7 @@ class Refuse(str, enum.Enum):
     OUT_OF_RANGE = "out_of_range"  # the partition id names no client of this run
     NOT_ALLOWED = "not_allowed"  # the operator's registry does not give that client to this node
     SLOT_TAKEN = "slot_taken"  # another node, still online, holds that client (the first claim keeps it)
+    BELOW_FLOOR = "below_floor"  # its budget is below the operator's floor (run config min-budget)
 
 
 class Refusal(NamedTuple):
@@ -74,8 +79,8 @@ class ClientRegistry:
     """Claims of nodes on clients, checked and bound (pure Python; the ServerApp feeds it)."""
 
     def __init__(self, num_examples: Sequence[int], budgets: Sequence[int], global_rank: int,
-                 allowed: Mapping[int, Allowed] | None = None) -> None:
-        self.global_rank = global_rank
+                 allowed: Mapping[int, Allowed] | None = None, floor: int = 1) -> None:
+        self.global_rank, self.floor = global_rank, floor
         self.allowed = None if allowed is None else dict(allowed)
         self.num_examples = list(num_examples)
         self.budgets = [self.clamp(c, b) for c, b in enumerate(budgets)]
@@ -84,7 +89,7 @@ class ClientRegistry:
             if a.num_examples is not None:
                 self.num_examples[c] = a.num_examples
         self.holders: dict[int, Holder] = {}
-        self.pending: dict[int, tuple[bytes, int, int | None]] = {}  # node -> a claim refused as SLOT_TAKEN
+        self.refused: set[tuple[int | bytes, int]] = set()  # (node id or key, client) of slot_taken refusals
 
     def cap(self, cid: int) -> int:
         if self.allowed is None:
@@ -101,14 +106,14 @@ class ClientRegistry:
     def claim(self, node_id: int, public_key: bytes, cid: int, budget: int | None,
               online: Container[int]) -> Refusal | None:
         """Bind client ``cid`` to the node, or say (and log) why not."""
-        refusal = self._check(node_id, public_key, cid, online)
+        refusal = self._check(node_id, public_key, cid, online)  # first: it range-checks cid
+        want = budget if budget is not None or refusal else self.budgets[cid]
+        got = 0 if refusal else self.clamp(cid, want)
+        refusal = refusal or self._below_floor(node_id, cid, got)
         if refusal is not None:
-            if refusal.reason is Refuse.SLOT_TAKEN:
-                self.pending[node_id] = (public_key, cid, budget)
+            if refusal.reason is Refuse.SLOT_TAKEN:  # remembered: it must not win once the holder blinks
+                self.refused.update((who, cid) for who in (node_id, public_key) if who)
             return _logged(refusal)
-        self.pending.pop(node_id, None)
-        want = self.budgets[cid] if budget is None else budget
-        got = self.clamp(cid, want)
         if got != want:
             log.warning("node %s (client %d): budget %d clamped to %d", node_id, cid, want, got)
         old = self.holders.get(cid)
@@ -122,13 +127,11 @@ class ClientRegistry:
     def refuse(self, node_id: int, reason: Refuse, detail: str) -> Refusal:
         return _logged(Refusal(node_id, reason, detail))
 
-    def retry(self, online: Container[int]) -> None:
-        """Claims refused because a client was taken get it once its node is gone."""
-        for node, (key, cid, budget) in list(self.pending.items()):
-            if node not in online:
-                del self.pending[node]
-            elif self._check(node, key, cid, online) is None:
-                self.claim(node, key, cid, budget, online)
+    def _below_floor(self, node_id: int, cid: int, budget: int) -> Refusal | None:
+        if budget >= self.floor:
+            return None
+        return Refusal(node_id, Refuse.BELOW_FLOOR, f"budget {budget} for client {cid} is below the run's "
+                                                    f"floor {self.floor} (run config min-budget)")
 
     def _check(self, node_id: int, key: bytes, cid: int, online: Container[int]) -> Refusal | None:
         if not 0 <= cid < len(self.num_examples):
@@ -143,6 +146,8 @@ class ClientRegistry:
         same_identity = held is not None and (held.node_id == node_id or (key and key == held.public_key))
         if held is not None and not same_identity and held.node_id in online:
             return Refusal(node_id, Refuse.SLOT_TAKEN, f"client {cid} is held by node {held.node_id}")
+        if not same_identity and ((node_id, cid) in self.refused or (key and (key, cid) in self.refused)):
+            return Refusal(node_id, Refuse.SLOT_TAKEN, f"client {cid}: this node was refused it before")
         return None
 
 

@@ -14,6 +14,8 @@ RUN_CONFIG_FILE, RUN_OVERRIDES = "config", "overrides"
 RUN_OUTPUT, RUN_MIN_NODES, RUN_ROUND_TIMEOUT = "output-dir", "min-nodes", "round-timeout"
 RUN_REGISTRY, RUN_REGISTER_TIMEOUT = "registry", "register-timeout"
 RUN_RESUME, RUN_OVERWRITE = "resume", "overwrite"
+RUN_ROUND_GRACE, RUN_ROUND_QUORUM, RUN_SILENT_ROUNDS = "round-grace", "round-quorum", "silent-rounds"
+RUN_MIN_BUDGET = "min-budget"
 NODE_PARTITION, NODE_BUDGET, NODE_DEVICE = "partition-id", "budget", "device"
 
 
@@ -37,6 +39,10 @@ class ServerSettings:
     registry: str = ""  # the operator's registry of allowed clients (TOML); "": any node may claim a free client
     resume: bool = True  # continue the run in the output directory from its newest good checkpoint
     overwrite: bool = False  # replace the run in the output directory (wins over ``resume``)
+    round_grace: float = 30.0  # seconds a round waits for the rest once ``round_quorum`` has answered
+    round_quorum: float = 0.5  # fraction of a round's messages whose answers start the grace clock
+    silent_rounds: int = 3  # a node silent this many times in a row is benched until it answers (0: never)
+    min_budget: int = 1  # the lowest budget a node may hold (FedIT's common rank is the smallest one)
 
 
 def _get(run_config: dict, key: str, kinds: tuple[type, ...], default):
@@ -53,10 +59,23 @@ def server_settings(run_config: dict, cfg: RunConfig) -> ServerSettings:
         register_timeout=float(_get(run_config, RUN_REGISTER_TIMEOUT, (int, float), 300.0)),
         registry=_get(run_config, RUN_REGISTRY, (str,), ""),
         resume=_get(run_config, RUN_RESUME, (bool,), True),
-        overwrite=_get(run_config, RUN_OVERWRITE, (bool,), False))
+        overwrite=_get(run_config, RUN_OVERWRITE, (bool,), False),
+        round_grace=float(_get(run_config, RUN_ROUND_GRACE, (int, float), 30.0)),
+        round_quorum=float(_get(run_config, RUN_ROUND_QUORUM, (int, float), 0.5)),
+        silent_rounds=_get(run_config, RUN_SILENT_ROUNDS, (int,), 3),
+        min_budget=_get(run_config, RUN_MIN_BUDGET, (int,), 1))
     if not 1 <= s.min_nodes <= cfg.data.num_clients:
         raise ConfigError(f"run config {RUN_MIN_NODES!r}: {s.min_nodes} not in [1, data.num_clients = "
                           f"{cfg.data.num_clients}]")
     if s.round_timeout <= 0 or s.register_timeout <= 0:
         raise ConfigError(f"run config {RUN_ROUND_TIMEOUT!r} and {RUN_REGISTER_TIMEOUT!r} must be positive")
+    if not 0 <= s.round_grace < float("inf"):
+        raise ConfigError(f"run config {RUN_ROUND_GRACE!r}: {s.round_grace} is not a number of seconds >= 0")
+    if not 0 < s.round_quorum <= 1:
+        raise ConfigError(f"run config {RUN_ROUND_QUORUM!r}: {s.round_quorum} not in (0, 1]")
+    if s.silent_rounds < 0:
+        raise ConfigError(f"run config {RUN_SILENT_ROUNDS!r}: {s.silent_rounds} must be >= 0 (0: never bench)")
+    if not 1 <= s.min_budget <= cfg.strategy.global_rank:
+        raise ConfigError(f"run config {RUN_MIN_BUDGET!r}: {s.min_budget} not in [1, strategy.global_rank = "
+                          f"{cfg.strategy.global_rank}]")
     return s

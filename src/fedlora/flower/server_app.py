@@ -4,7 +4,9 @@ Before round 1 it registers nodes (:mod:`.registry`: the server checks what each
 claims, and decides example counts) until ``min-nodes`` clients are bound, then builds
 the strategy from the registered budgets. Each round: sample clients as the simulator
 does, build one task per node (per-client shapes, a fresh nonce each), send, collect
-replies until the round timeout, decode and screen them (a malformed, stale or otherwise
+replies until all are in, or a quorum plus ``round-grace`` seconds, or ``round-timeout``
+(:mod:`.collect`; a node silent ``silent-rounds`` times in a row is benched until it
+answers a ping), decode and screen them (a malformed, stale or otherwise
 bad reply rejects that client only), aggregate. Nodes that joined since (a restarted
 SuperNode comes back under a new node id) are asked who they are alongside the round's
 tasks and train from the next round. A node that errs or does not answer in time is
@@ -29,6 +31,7 @@ from ..experiment import Experiment, build_experiment, build_global_strategy
 from ..methods import get_method
 from ..runner import run
 from . import codec
+from .collect import Strikes, Wait, collect
 from .registry import ClientRegistry, Refuse, load_registry
 from .run_config import ServerSettings, config_from_run_config, server_settings
 
@@ -43,18 +46,23 @@ class RunFailed(Exception):
 class GridRounds:
     """The round function :func:`fedlora.runner.run` calls, carried over a Flower grid."""
 
-    def __init__(self, grid: Grid, registry: ClientRegistry, round_timeout: float, respects_budgets: bool = True):
-        self.grid, self.registry, self.round_timeout = grid, registry, round_timeout
+    def __init__(self, grid: Grid, registry: ClientRegistry, wait: Wait, respects_budgets: bool = True,
+                 silent_rounds: int = 0):
+        self.grid, self.registry, self.wait = grid, registry, wait
         self.respects_budgets = respects_budgets
         self.asked: set[int] = set()  # nodes whose profile came back (registered or refused)
+        self.strikes = Strikes(silent_rounds)
 
     def _online(self) -> dict[int, bytes]:
-        """Connected nodes and the public key each signs its requests with (b"" where none)."""
-        return {n.node_id: bytes(n.public_key) for n in self.grid.get_nodes()}
+        """Connected nodes and the public key each signs its requests with (b"" where none).
+        A node that left is forgotten as asked: back under the same id, it is asked again."""
+        online = {n.node_id: bytes(n.public_key) for n in self.grid.get_nodes()}
+        self.asked &= online.keys()
+        return online
 
     def _queries(self, online: dict[int, bytes], skip: set[int] = frozenset()) -> dict[tuple[str, int], Message]:
         return {(codec.QUERY, n): Message(RecordDict(), dst_node_id=n, message_type=codec.QUERY)
-                for n in online if n not in self.asked and n not in skip}
+                for n in online if n not in self.asked and n not in skip and n not in self.strikes.benched}
 
     def _read_profiles(self, replies: dict, failed: dict, online: dict[int, bytes]) -> None:
         for (_, node), reason in sorted(failed.items()):
@@ -73,7 +81,6 @@ class GridRounds:
         deadline, tried = time.monotonic() + timeout, set()  # a node that failed is asked again next round
         while True:
             online = self._online()
-            self.registry.retry(online)
             if queries := self._queries(online, skip=tried):
                 tried.update(n for _, n in queries)
                 self._read_profiles(*self._send(queries), online)
@@ -88,28 +95,24 @@ class GridRounds:
             time.sleep(0.5)
 
     def _send(self, msgs: dict) -> tuple[dict, dict[object, str]]:
-        """Send, wait up to the round timeout; (replies, failure reasons), keyed like ``msgs``.
-
-        Replies are matched to the message they answer, not to their sender: when a node
-        stops heartbeating, the "node unavailable" error comes from the SuperLink (node 1).
-        """
-        replies = self.grid.send_and_receive(list(msgs.values()), timeout=self.round_timeout)
-        key_of = {m.metadata.message_id: k for k, m in msgs.items()}  # ids are set by the push
-        ok, failed = {}, {}
-        for reply in replies:
-            k = key_of.get(reply.metadata.reply_to_message_id)
-            if k is not None and reply.has_error():
-                failed[k] = reply.error.reason
-            elif k is not None:
-                ok[k] = reply
-        for k in msgs.keys() - ok.keys() - failed.keys():
-            failed[k] = f"no reply within {self.round_timeout:.0f} s"
-        return ok, failed
+        """Send, collect (:func:`.collect.collect`); (replies, failure reasons), keyed like ``msgs``.
+        Silent nodes get a strike; a benched node's answer to its ping brings it back."""
+        online = self._online()
+        self.strikes.ping(self.grid, online, codec.QUERY)
+        got = collect(self.grid, msgs, self.wait, self.strikes.pings)
+        node = {k: m.metadata.dst_node_id for k, m in msgs.items()}
+        pinged = {n: r for n, r in got.pings.items() if not r.has_error()}
+        for n in got.pings.keys() - pinged.keys():  # e.g. the SuperLink's "node unavailable": ping again
+            self.strikes.pings.pop(n, None)
+        self.strikes.record([node[k] for k in (*got.replies, *got.errors)] + list(pinged),
+                            [node[k] for k in got.unanswered])
+        new = {(codec.QUERY, n): r for n, r in pinged.items() if n not in self.asked}
+        self._read_profiles(new, {}, online)  # a node benched before it registered: its ping is its profile
+        return got.replies, {**got.errors, **got.unanswered}
 
     def __call__(self, exp: Experiment, rnd: int) -> dict:
         reg = self.registry
         online = self._online()
-        reg.retry(online)
         exp.server.budgets = list(reg.budgets)
         sampled = exp.server.sample(rnd)
         cids = [c for c in sampled if reg.node_of(c) in online]
@@ -118,6 +121,11 @@ class GridRounds:
             log.warning("round %d: client %d dropped: its node %s is not connected", rnd, c,
                         "(never registered)" if node is None else node)
         tasks = exp.server.configure(rnd, cids, nonce=True)
+        for c in sorted(tasks):
+            if reg.node_of(c) in self.strikes.benched:
+                log.warning("round %d: client %d not sent its task: its node %s is benched (silent)",
+                            rnd, c, reg.node_of(c))
+                del tasks[c]
         for c, t in sorted(tasks.items()):
             rank = max((f.rank for f in t.factors.values()), default=0)
             if self.respects_budgets and rank > reg.budgets[c]:  # e.g. a late node below FedIT's common rank
@@ -168,8 +176,10 @@ def serve(grid: Grid, run_config: dict, settings: ServerSettings | None = None,
     allowed = load_registry(s.registry, cfg.data.num_clients, r) if s.registry else None  # before the model loads
     exp = build_experiment(cfg)
     # example counts from the server's split (or the operator's file); default budgets from the config
-    registry = ClientRegistry([len(c) for c in exp.data.clients], exp.budgets, r, allowed)
-    rounds = GridRounds(grid, registry, s.round_timeout, get_method(cfg.strategy.name).respects_budgets)
+    registry = ClientRegistry([len(c) for c in exp.data.clients], exp.budgets, r, allowed,
+                              floor=s.min_budget)
+    rounds = GridRounds(grid, registry, Wait(s.round_timeout, s.round_grace, s.round_quorum),
+                        get_method(cfg.strategy.name).respects_budgets, s.silent_rounds)
     rounds.register(s.min_nodes, s.register_timeout)
     kept = resumed_budgets(cfg) if resume else None
     if kept is not None:
