@@ -14,7 +14,10 @@ RUN_CONFIG_FILE, RUN_OVERRIDES = "config", "overrides"
 RUN_OUTPUT, RUN_MIN_NODES, RUN_ROUND_TIMEOUT = "output-dir", "min-nodes", "round-timeout"
 RUN_REGISTRY, RUN_REGISTER_TIMEOUT = "registry", "register-timeout"
 RUN_RESUME, RUN_OVERWRITE = "resume", "overwrite"
+RUN_NODE_DATA, RUN_EXAMPLE_CAP = "node-data", "example-cap"  # nodes read their own files; the count cap
 NODE_PARTITION, NODE_BUDGET, NODE_DEVICE = "partition-id", "budget", "device"
+NODE_DATA, NODE_EVAL_DATA = "data-path", "eval-path"  # a node's own training file, its own held-out file
+DEFAULT_EXAMPLE_CAP = 100_000  # the most examples a node's own declared count may weigh
 
 
 def config_from_run_config(run_config: dict) -> RunConfig:
@@ -37,6 +40,7 @@ class ServerSettings:
     registry: str = ""  # the operator's registry of allowed clients (TOML); "": any node may claim a free client
     resume: bool = True  # continue the run in the output directory from its newest good checkpoint
     overwrite: bool = False  # replace the run in the output directory (wins over ``resume``)
+    node_data: bool = False  # each node reads its own ``data-path``; the server loads no training data
 
 
 def _get(run_config: dict, key: str, kinds: tuple[type, ...], default):
@@ -53,10 +57,19 @@ def server_settings(run_config: dict, cfg: RunConfig) -> ServerSettings:
         register_timeout=float(_get(run_config, RUN_REGISTER_TIMEOUT, (int, float), 300.0)),
         registry=_get(run_config, RUN_REGISTRY, (str,), ""),
         resume=_get(run_config, RUN_RESUME, (bool,), True),
-        overwrite=_get(run_config, RUN_OVERWRITE, (bool,), False))
+        overwrite=_get(run_config, RUN_OVERWRITE, (bool,), False),
+        node_data=_get(run_config, RUN_NODE_DATA, (bool,), False))
     if not 1 <= s.min_nodes <= cfg.data.num_clients:
         raise ConfigError(f"run config {RUN_MIN_NODES!r}: {s.min_nodes} not in [1, data.num_clients = "
                           f"{cfg.data.num_clients}]")
     if s.round_timeout <= 0 or s.register_timeout <= 0:
         raise ConfigError(f"run config {RUN_ROUND_TIMEOUT!r} and {RUN_REGISTER_TIMEOUT!r} must be positive")
     return s
+
+
+def example_cap(run_config: dict) -> int:
+    """The most examples a node's own count may claim (run config ``example-cap``): server and node both apply it."""
+    cap = _get(run_config, RUN_EXAMPLE_CAP, (int,), DEFAULT_EXAMPLE_CAP)
+    if cap < 1:
+        raise ConfigError(f"run config {RUN_EXAMPLE_CAP!r}: must be positive, got {cap}")
+    return cap
