@@ -50,6 +50,8 @@ def test_three_organisations_train_on_their_own_files(tiny_bert_dir, tmp_path):
             return (out / "summary.json").exists()
 
         wait_for(ended, 540, "the end of the run")
+        # the ServerApp logs its last round line after the runner's summary: wait for it to stream
+        wait_for(lambda: "round 2/2" in (tmp_path / "run.log").read_text(), 60, "the last round's line")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(sorted(r["answered_clients"]) == [0, 1, 2] for r in rows[1:])
