@@ -1,16 +1,21 @@
 """Certificates and SuperNode keys for a TLS deployment of the fedlora Flower app (docs/flower.md).
 
-    python examples/flower_certs.py certs/ --hosts 127.0.0.1,localhost --nodes 2
+Each party makes its own secrets; only public material changes hands:
 
-writes into ``certs/``:
+    python examples/flower_certs.py coordinator certs/ --hosts superlink.example.org
+        # the coordinator: ca.crt, ca.key (a certificate authority; keep ca.key offline) and
+        # server.pem, server.key (the SuperLink's certificate for --hosts). Hand ca.crt to every organisation.
+    python examples/flower_certs.py node keys/ --name hospital
+        # each organisation, on its own machine: keys/hospital (its private key, never leaves) and
+        # keys/hospital.pub (printed too), the public key the coordinator registers
+        # (`flwr supernode register hospital.pub` and the registry's public_key).
 
-- ``ca.crt``, ``ca.key``: a certificate authority (keep ``ca.key`` off the SuperLink's machine);
-- ``server.pem``, ``server.key``: the SuperLink's certificate for ``--hosts``, signed by the CA;
-- ``node<i>``, ``node<i>.pub``: each SuperNode's key pair (P-384, OpenSSH format), for
-  ``flower-supernode --auth-supernode-private-key node<i>`` and ``flwr supernode register node<i>.pub``.
+    python examples/flower_certs.py certs/ --nodes 2     # a trial on one machine: all of the above in one folder
 
-For a test or a trial. A production deployment takes its certificates from its own CA.
-Private keys are written readable by their owner only. Needs ``cryptography`` (a dependency of flwr).
+Key pairs are P-384; node keys in OpenSSH format, for ``flower-supernode
+--auth-supernode-private-key``. A production deployment may take its certificates from its
+own CA. Private keys are written readable by their owner only; an existing file is never
+overwritten. Needs ``cryptography`` (a dependency of flwr).
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ VALID = datetime.timedelta(days=30)
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
+    # "x": never replace a key or certificate someone already relies on; a private key is
+    # created 0600 rather than made so after being written
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -91,18 +98,34 @@ def make_node_key(out: Path, name: str) -> bytes:
     return public
 
 
+def coordinator(out: Path, hosts: str) -> None:
+    ca, ca_key = make_ca(out)
+    make_server_cert(out, ca, ca_key, [h.strip() for h in hosts.split(",") if h.strip()])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("role", nargs="?", choices=["coordinator", "node"], help="omitted: a one-machine trial")
     p.add_argument("out", type=Path)
     p.add_argument("--hosts", default="127.0.0.1,localhost", help="the SuperLink's addresses, comma-separated")
-    p.add_argument("--nodes", type=int, default=2, help="how many SuperNode key pairs")
+    p.add_argument("--name", default="node", help="node: the key pair's file name")
+    p.add_argument("--nodes", type=int, default=2, help="trial: how many SuperNode key pairs")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    ca, ca_key = make_ca(args.out)
-    make_server_cert(args.out, ca, ca_key, [h.strip() for h in args.hosts.split(",") if h.strip()])
-    for i in range(args.nodes):
-        make_node_key(args.out, f"node{i}")
-    print(f"wrote a CA, a server certificate and {args.nodes} node key pairs to {args.out}")
+    try:
+        if args.role == "node":
+            public = make_node_key(args.out, args.name)
+            print(f"private key: {args.out / args.name} (keep it here)\npublic key, for the coordinator: "
+                  f"{args.out / args.name}.pub\n{public.decode()}")
+            return
+        coordinator(args.out, args.hosts)
+        if args.role is None:
+            for i in range(args.nodes):
+                make_node_key(args.out, f"node{i}")
+    except FileExistsError as e:
+        raise SystemExit(f"{e.filename} exists: not overwritten (choose another folder or --name)") from None
+    print(f"wrote a CA and the SuperLink's certificate to {args.out}"
+          + (f", and {args.nodes} node key pairs" if args.role is None else ": hand ca.crt to each organisation"))
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def load_text_dataset(cfg: DataConfig, rows: Rows | None = None) -> TextDataset:
     every = [r for r in rows.train + (rows.test or []) if _present(r.get(cfg.text_column))]
     check("data.text_column", bool(every), f"every row of {rows.where} has an empty '{cfg.text_column}'")
     n_train = sum(_present(r.get(cfg.text_column)) for r in rows.train)
-    labels, names = _labels(every, cfg.label_column, rows)
+    labels, names = _labels(every, cfg.label_column, rows, declared=cfg.labels)
     return TextDataset(texts=[str(r[cfg.text_column]) for r in every], labels=labels, label_names=names,
                        groups=_groups(every, cfg, rows), held_out=_held_out(n_train, len(every) - n_train))
 
@@ -117,8 +117,9 @@ def label_key(value) -> tuple[str, str]:
     return "number", str(int(number)) if number.is_integer() else repr(number)
 
 
-def _labels(rows: list[dict], col: str, source: Rows, one_class_ok: bool = False) -> tuple[np.ndarray, list[str]]:
-    """Class ids (classes sorted by name) and the class names of column ``col``."""
+def _labels(rows: list[dict], col: str, source: Rows, one_class_ok: bool = False,
+            declared: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Class ids (classes sorted by name, or in ``declared`` order) and the class names of column ``col``."""
     missing = next((i for i, r in enumerate(rows) if r.get(col) is None or str(r.get(col)).strip() == ""), None)
     check("data.label_column", missing is None, f"a row of {source.where} has no '{col}' label ({rows[missing]!r:.100})"
           if missing is not None else "")
@@ -126,6 +127,12 @@ def _labels(rows: list[dict], col: str, source: Rows, one_class_ok: bool = False
     kinds = {k for k, _ in keys}
     check("data.label_column", not {"boolean", "number"} <= kinds,
           f"column '{col}' mixes booleans and numbers (e.g. true and 1): write every label one way")
+    if declared:  # one class list for every file of a federation, whatever each file holds
+        unknown = sorted({name for _, name in keys} - set(declared))
+        check("data.labels", not unknown, f"{source.where} has label {unknown[0]!r}, not one of {declared}"
+              if unknown else "")
+        ids = {n: i for i, n in enumerate(declared)}
+        return np.array([ids[name] for _, name in keys], dtype=np.int64), list(declared)
     names = sorted({name for _, name in keys})
     check("data.label_column", one_class_ok or len(names) > 1,
           f"column '{col}' of {source.where} has one class only ({names[0]!r}); classification needs two or more")

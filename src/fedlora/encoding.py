@@ -37,6 +37,9 @@ class Encoded:
 
 
 def encode_classification(tokenizer, texts: Sequence[str], labels: np.ndarray, max_length: int) -> Encoded:
+    if not texts:  # a server whose nodes hold all the data (the tokenizer refuses an empty batch)
+        empty = torch.zeros(0, max_length, dtype=torch.long)
+        return Encoded(empty, empty.clone(), torch.zeros(0, dtype=torch.long))
     enc = tokenizer(list(texts), max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
     return Encoded(enc["input_ids"], enc["attention_mask"], torch.as_tensor(labels))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,8 @@ class FederatedData:
     # causal-lm: the test prompts as multiple-choice questions over the label words
     questions: ChoiceQuestions | None = None
     generation: GenerationSet | None = None  # generative formats: prompts answered at every evaluation
+    # eval.where = "clients"/"both" (and a node's own file): each client's own held-out rows
+    client_test: list[np.ndarray] | None = None
 
     @property
     def generative(self) -> bool:
@@ -82,6 +85,13 @@ class Experiment:
     budgets: list[int]
     server: FederatedServer
     tokenizer: object = None
+    # scores a model on the clients' own held-out rows: {client: (examples, metrics)}; default: in
+    # this process (:func:`evaluate_clients`); a carrier that holds no client data asks its nodes
+    client_evaluator: Callable[[Experiment, ClientTask], ClientScores] | None = None
+
+
+ClientScores = dict[int, tuple[int, dict[str, float]]]
+Split = tuple[list[np.ndarray], np.ndarray, "list[np.ndarray] | None"]  # clients, test, clients' own test
 
 
 def clients_per_round(cfg: RunConfig) -> int:
@@ -89,8 +99,30 @@ def clients_per_round(cfg: RunConfig) -> int:
     return fed.clients_per_round or max(1, math.ceil(fed.fraction * n))
 
 
-def build_data(cfg: RunConfig, ds: Dataset, tokenizer) -> FederatedData:
-    clients, test = split_clients(ds, cfg.data, cfg.seed)
+def holdout(rows: np.ndarray, fraction: float, seed: int, cid: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows) of client ``cid``: a seeded ``fraction`` of its rows held out
+    (at least one when it has two or more and ``fraction`` > 0)."""
+    n = min(len(rows) - 1, max(1, round(fraction * len(rows)))) if fraction > 0 and len(rows) > 1 else 0
+    held = np.zeros(len(rows), dtype=bool)
+    held[numpy_rng(seed, "client-test", cid).choice(len(rows), n, replace=False)] = True
+    return rows[~held], rows[held]
+
+
+def build_data(cfg: RunConfig, ds: Dataset, tokenizer, split: Split | None = None) -> FederatedData:
+    """Encoded rows and the split (``split``: given by the caller, e.g. a node's own file)."""
+    if split is None:
+        clients, test = split_clients(ds, cfg.data, cfg.seed)
+        own = None
+        if cfg.eval.where != "server":  # only then: the default split stays what it always was
+            clients, own = map(list, zip(*(holdout(c, cfg.eval.client_fraction, cfg.seed, i)
+                                           for i, c in enumerate(clients))))
+        split = clients, test, own
+    data = _encode(cfg, ds, tokenizer, split[0], split[1])
+    data.client_test = split[2]
+    return data
+
+
+def _encode(cfg: RunConfig, ds: Dataset, tokenizer, clients: list[np.ndarray], test: np.ndarray) -> FederatedData:
     if isinstance(ds, ChatDataset):
         return build_chat_data(cfg, ds, tokenizer, clients, test)
     if cfg.model.task == "classification":
@@ -130,12 +162,13 @@ def build_chat_data(cfg: RunConfig, ds: ChatDataset, tokenizer, clients: list[np
                          generation=GenerationSet(prompts, ids, refs))
 
 
-def build_experiment(cfg: RunConfig) -> Experiment:
-    """Data, model (on ``train.device``), budgets and server, from ``cfg``."""
+def build_experiment(cfg: RunConfig, dataset: Dataset | None = None, split: Split | None = None) -> Experiment:
+    """Data, model (on ``train.device``), budgets and server, from ``cfg``; ``dataset`` and ``split``
+    replace ``data.name`` and the federated split (a node's own file, a server with no training data)."""
     device = resolve_device(cfg.train.device)
-    ds = subsample(load_dataset(cfg.data), cfg.data.max_examples, cfg.seed)
+    ds = dataset if dataset is not None else subsample(load_dataset(cfg.data), cfg.data.max_examples, cfg.seed)
     loaded = load_model(cfg.model, len(ds.label_names), cfg.seed, device, cfg.train.precision)
-    data = build_data(cfg, ds, loaded.tokenizer)
+    data = build_data(cfg, ds, loaded.tokenizer, split)
     try:
         lm = LoRAModel(loaded.model, cfg.model.targets, head=loaded.head, dropout=cfg.model.dropout)
     except ValueError as e:
@@ -175,8 +208,41 @@ def evaluate_global(exp: Experiment, samples: list[dict] | None = None) -> dict[
     """The global model on the held-out set. A classifier: accuracy and loss. A causal LM on labels:
     accuracy of picking the right label by log-likelihood, and the answer-token loss. A generative
     format: answer-token loss and perplexity, then Rouge-L and exact match of greedy generations
-    (``samples``, when given, receives up to 20 (prompt, reference, generation) triples)."""
-    return evaluate_task(exp, exp.server.global_task(), samples)
+    (``samples``, when given, receives up to 20 (prompt, reference, generation) triples).
+
+    ``eval.where = "clients"``: the example-weighted mean over the clients' own held-out rows
+    instead, ``"both"``: that too, as ``clients_<metric>``; each client's values under ``clients``."""
+    where, task = exp.cfg.eval.where, exp.server.global_task()
+    metrics = evaluate_task(exp, task, samples) if where != "clients" else {}
+    if where != "server":
+        scores = (exp.client_evaluator or evaluate_clients)(exp, task)
+        mean = weighted_mean(scores)
+        metrics.update(mean if where == "clients" else {f"clients_{k}": v for k, v in mean.items()})
+        metrics["clients"] = {str(c): {"examples": n, **m} for c, (n, m) in sorted(scores.items())}
+    return metrics
+
+
+def evaluate_clients(exp: Experiment, task: ClientTask, cids: Iterable[int] | None = None) -> ClientScores:
+    """The model ``task`` describes, scored on each client's own held-out rows (clients without any are
+    left out): accuracy and loss of a classifier, answer loss and perplexity of a causal LM."""
+    own = exp.data.client_test or []
+    cids = range(len(own)) if cids is None else cids
+    exp.lm.load(task)
+    out: ClientScores = {}
+    with autocast(exp.lm.device, exp.cfg.train.precision):
+        for c in cids:
+            if c < len(own) and len(own[c]):
+                batches = eval_batches(exp.data.encoded, own[c], exp.cfg.federation.eval_batch_size)
+                out[c] = len(own[c]), (classification_metrics(exp.lm.model, batches) if exp.cfg.model.task ==
+                                       "classification" else answer_loss_metrics(exp.lm.model, batches))
+    return out
+
+
+def weighted_mean(scores: ClientScores) -> dict[str, float]:
+    """Each metric's mean over the clients, weighted by their held-out examples (metrics all share)."""
+    total = sum(n for n, _ in scores.values())
+    names = set.intersection(*(set(m) for _, m in scores.values())) if scores else set()
+    return {k: sum(n * m[k] for n, m in scores.values()) / total for k in sorted(names)} if total else {}
 
 
 def evaluate_task(exp: Experiment, task: ClientTask, samples: list[dict] | None = None) -> dict[str, float]:

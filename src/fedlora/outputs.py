@@ -44,9 +44,10 @@ def summary(exp: Experiment, initial: dict[str, float], final: dict[str, float],
             if key in final:
                 numbers[f"initial_{key}"], numbers[f"final_{key}"] = initial[key], final[key]
     else:
-        labels = exp.data.test_labels()
+        labels = exp.data.test_labels()  # none on a server whose nodes hold all the data
+        majority = float(np.bincount(labels).max() / len(labels)) if len(labels) else None
         numbers = {"initial_accuracy": initial["accuracy"], "final_accuracy": final["accuracy"],
-                   "final_loss": final["loss"], "majority_accuracy": float(np.bincount(labels).max() / len(labels))}
+                   "final_loss": final["loss"], "majority_accuracy": majority}
     return {**numbers, "final_metric_name": name, "initial_metric": initial[name], "final_metric": final[name],
             "wall_time_s": wall_time_s, "output_dir": str(out)}
 

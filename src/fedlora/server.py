@@ -106,6 +106,8 @@ class FederatedServer:
         for r in rejected:
             log.warning("round %d: rejected %s", rnd, r)
         metrics["rejected"] = float(len(rejected))
+        if rejected:  # named only when some are: a clean run's rows stay as they were
+            metrics["rejected_clients"] = sorted({r.cid for r in rejected})
         metrics["dropped"] = float(len(set(tasks) - {c for c, _ in pairs} - {r.cid for r in malformed}))
         if len(valid) < self.min_clients:
             log.warning("round %d: %d valid updates < min_clients=%d; global state unchanged",

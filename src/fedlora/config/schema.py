@@ -84,8 +84,12 @@ class DataConfig:
     # causal-lm only: the prompt for each row; {text} is the row's text, {labels} the label set.
     # The answer is the row's label; evaluation picks among the labels by log-likelihood.
     prompt_template: str = "{text}"
+    # the class names, declared: every file is read against them (a row with another label is refused).
+    # A federation of node-local files needs them (each node may lack a class); [] = the sorted labels found.
+    labels: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        check("data.labels", len(set(self.labels)) == len(self.labels), "names a class twice")
         check("data.num_clients", self.num_clients > 0, "must be positive")
         check("data.alpha", self.alpha > 0, "must be positive")
         check("data.test_size", self.test_size > 0, "must be positive")
@@ -190,8 +194,14 @@ class EvalConfig:
     generate_examples: int = 64  # held-out prompts answered by greedy generation (0: loss only)
     max_new_tokens: int = 64
     batch_size: int = 16  # prompts generated together (left-padded, one KV cache)
+    # where the global model is scored: "server" (the held-out set), "clients" (each client's own
+    # held-out part, example-weighted mean + each client's values), or "both"
+    where: Literal["server", "clients", "both"] = "server"
+    client_fraction: float = 0.2  # "clients"/"both", and a node's own file: the share of its rows held out
+    server_data: str = ""  # Flower, node-local data: a file the server scores on ("": none)
 
     def validate(self) -> None:
+        check("eval.client_fraction", 0 <= self.client_fraction < 1, "must be in [0, 1)")
         check("eval.generate_examples", self.generate_examples >= 0, "must be >= 0 (0: no generation)")
         check("eval.max_new_tokens", self.max_new_tokens > 0, "must be positive")
         check("eval.batch_size", self.batch_size > 0, "must be positive")

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..types import ClientTask, ClientUpdate, Factors, LoRAState, tensors_of
 from ..validate import MAX_METRICS, Reject, RejectedReply
 
-TRAIN, QUERY = "train", "query"
+TRAIN, QUERY, EVALUATE = "train", "query", "evaluate"
 ARRAYS, META, METRICS = "fedlora.arrays", "fedlora.meta", "fedlora.metrics"
 CONFIG_PREFIX = "config."
 GROUPS, PARTS = ("lora", "delta", "head"), ("A", "B")
@@ -146,11 +146,37 @@ def decode_update(content: RecordDict, task: ClientTask) -> ClientUpdate:
                         fingerprint=fingerprint, freeze_A=frozen, nonce=nonce)
 
 
-def encode_profile(cid, budget=None) -> RecordDict:
-    """What a node says about itself: the partition it holds and, optionally, its budget
-    (passed on as given: the server checks them)."""
+def encode_profile(cid, budget=None, num_examples: int | None = None) -> RecordDict:
+    """What a node says about itself: the partition it holds and, optionally, its budget and (a node
+    with its own data) its training examples (passed on as given: the server checks them)."""
     meta = {"cid": cid} if budget is None else {"cid": cid, "budget": budget}
+    if num_examples is not None:
+        meta["num_examples"] = num_examples
     return RecordDict({META: ConfigRecord(meta)})
+
+
+def decode_declared_count(content: RecordDict) -> int | None:
+    """The training examples a node's profile declares, or None; raises :class:`Malformed`."""
+    meta = content.config_records[META] if META in content.config_records else {}
+    return _field(meta, "num_examples", int) if "num_examples" in meta else None
+
+
+def encode_scores(num_examples: int, metrics: dict[str, float]) -> RecordDict:
+    """A node's evaluation of the global model on its own held-out rows."""
+    return RecordDict({META: ConfigRecord({"num_examples": int(num_examples)}),
+                       METRICS: MetricRecord({k: float(v) for k, v in metrics.items()})})
+
+
+def decode_scores(content: RecordDict) -> tuple[int, dict[str, float]]:
+    """(held-out examples, metrics); raises :class:`Malformed` for anything else."""
+    if META not in content.config_records or METRICS not in content.metric_records:
+        raise Malformed("no fedlora evaluation in the reply")
+    metrics = {}
+    for k, v in content.metric_records[METRICS].items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise Malformed(f"metric {k!r} must be a number, got {type(v).__name__}"[:160])
+        metrics[k] = float(v)
+    return _field(content.config_records[META], "num_examples", int), metrics
 
 
 def decode_profile(content: RecordDict) -> tuple[int, int | None]:

@@ -16,7 +16,10 @@ RUN_REGISTRY, RUN_REGISTER_TIMEOUT = "registry", "register-timeout"
 RUN_RESUME, RUN_OVERWRITE = "resume", "overwrite"
 RUN_ROUND_GRACE, RUN_ROUND_QUORUM, RUN_SILENT_ROUNDS = "round-grace", "round-quorum", "silent-rounds"
 RUN_MIN_BUDGET = "min-budget"
+RUN_NODE_DATA, RUN_EXAMPLE_CAP = "node-data", "example-cap"  # nodes read their own files; the count cap
 NODE_PARTITION, NODE_BUDGET, NODE_DEVICE = "partition-id", "budget", "device"
+NODE_DATA, NODE_EVAL_DATA = "data-path", "eval-path"  # a node's own training file, its own held-out file
+DEFAULT_EXAMPLE_CAP = 100_000  # the most examples a node's own declared count may weigh
 
 
 def config_from_run_config(run_config: dict) -> RunConfig:
@@ -43,6 +46,7 @@ class ServerSettings:
     round_quorum: float = 0.5  # fraction of a round's messages whose answers start the grace clock
     silent_rounds: int = 3  # a node silent this many times in a row is benched until it answers (0: never)
     min_budget: int = 1  # the lowest budget a node may hold (FedIT's common rank is the smallest one)
+    node_data: bool = False  # each node reads its own ``data-path``; the server loads no training data
 
 
 def _get(run_config: dict, key: str, kinds: tuple[type, ...], default):
@@ -63,7 +67,8 @@ def server_settings(run_config: dict, cfg: RunConfig) -> ServerSettings:
         round_grace=float(_get(run_config, RUN_ROUND_GRACE, (int, float), 30.0)),
         round_quorum=float(_get(run_config, RUN_ROUND_QUORUM, (int, float), 0.5)),
         silent_rounds=_get(run_config, RUN_SILENT_ROUNDS, (int,), 3),
-        min_budget=_get(run_config, RUN_MIN_BUDGET, (int,), 1))
+        min_budget=_get(run_config, RUN_MIN_BUDGET, (int,), 1),
+        node_data=_get(run_config, RUN_NODE_DATA, (bool,), False))
     if not 1 <= s.min_nodes <= cfg.data.num_clients:
         raise ConfigError(f"run config {RUN_MIN_NODES!r}: {s.min_nodes} not in [1, data.num_clients = "
                           f"{cfg.data.num_clients}]")
@@ -79,3 +84,11 @@ def server_settings(run_config: dict, cfg: RunConfig) -> ServerSettings:
         raise ConfigError(f"run config {RUN_MIN_BUDGET!r}: {s.min_budget} not in [1, strategy.global_rank = "
                           f"{cfg.strategy.global_rank}]")
     return s
+
+
+def example_cap(run_config: dict) -> int:
+    """The most examples a node's own count may claim (run config ``example-cap``): server and node both apply it."""
+    cap = _get(run_config, RUN_EXAMPLE_CAP, (int,), DEFAULT_EXAMPLE_CAP)
+    if cap < 1:
+        raise ConfigError(f"run config {RUN_EXAMPLE_CAP!r}: must be positive, got {cap}")
+    return cap

@@ -18,6 +18,7 @@ checkpoint (run config ``resume``, default true). A run that fails raises
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -25,15 +26,19 @@ from collections.abc import Callable
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from ..atomic import write_atomic
 from ..checkpoint import latest_checkpoint
 from ..config import RunConfig
-from ..experiment import Experiment, build_experiment, build_global_strategy
+from ..experiment import ClientScores, Experiment, build_experiment, build_global_strategy
 from ..methods import get_method
-from ..runner import run
+from ..outdir import SUMMARY
+from ..runner import read_metrics, run
+from ..types import ClientTask
 from . import codec
 from .collect import Strikes, Wait, collect
+from .coordinator import count_declared, never_contributed, round_line, server_experiment
 from .registry import ClientRegistry, Refuse, load_registry
-from .run_config import ServerSettings, config_from_run_config, server_settings
+from .run_config import ServerSettings, config_from_run_config, example_cap, server_settings
 
 log = logging.getLogger("fedlora.flower")
 app = ServerApp()
@@ -52,6 +57,7 @@ class GridRounds:
         self.respects_budgets = respects_budgets
         self.asked: set[int] = set()  # nodes whose profile came back (registered or refused)
         self.strikes = Strikes(silent_rounds)
+        self.example_cap: int | None = None  # set: nodes declare their example counts (node-local data)
 
     def _online(self) -> dict[int, bytes]:
         """Connected nodes and the public key each signs its requests with (b"" where none).
@@ -75,6 +81,16 @@ class GridRounds:
                 self.registry.refuse(node, Refuse.MALFORMED, f"{type(e).__name__}: {e}")
                 continue
             self.registry.claim(node, online.get(node, b""), cid, budget, online)
+            if self.example_cap is not None:
+                self._declared(node, cid, reply.content)
+
+    def _declared(self, node: int, cid: int, content: RecordDict) -> None:
+        try:
+            declared = codec.decode_declared_count(content)
+        except codec.Malformed as e:
+            log.warning("node %s (client %d): unreadable example count (%s)", node, cid, e)
+            declared = None
+        count_declared(self.registry, node, cid, declared, self.example_cap)
 
     def register(self, min_clients: int, timeout: float) -> None:
         """Ask every connected node who it is until ``min_clients`` clients are bound."""
@@ -113,7 +129,7 @@ class GridRounds:
     def __call__(self, exp: Experiment, rnd: int) -> dict:
         reg = self.registry
         online = self._online()
-        exp.server.budgets = list(reg.budgets)
+        exp.server.budgets, exp.server.num_examples = list(reg.budgets), list(reg.num_examples)
         sampled = exp.server.sample(rnd)
         cids = [c for c in sampled if reg.node_of(c) in online]
         for c in sorted(set(sampled) - set(cids)):
@@ -144,7 +160,29 @@ class GridRounds:
                          key=lambda pair: pair[0])
         metrics = exp.server.aggregate(rnd, tasks, answers, decode=codec.decode_update)
         metrics["dropped_clients"] = sorted(set(sampled) - {c for c, _ in answers})
+        metrics["answered_clients"] = [c for c, _ in answers]
         return metrics
+
+    def evaluate_nodes(self, exp: Experiment, task: ClientTask) -> ClientScores:
+        """``task`` (the global model) sent to every registered client's node, each scoring it on its own
+        held-out rows; a node that errs or does not answer is left out (and named in the log)."""
+        online, reg = self._online(), self.registry
+        msgs = {(codec.EVALUATE, c): Message(codec.encode_task(task, 0), dst_node_id=h.node_id,
+                                             message_type=codec.EVALUATE)
+                for c, h in sorted(reg.holders.items()) if h.node_id in online}
+        replies, failed = self._send(msgs)
+        for (_, c), reason in sorted(failed.items()):
+            log.warning("evaluation: node %s (client %d) not counted: %s", reg.node_of(c), c, reason)
+        scores: ClientScores = {}
+        for (_, c), reply in sorted(replies.items()):
+            try:
+                n, metrics = codec.decode_scores(reply.content)
+            except Exception as e:  # noqa: BLE001 - untrusted input
+                log.warning("evaluation: node %s (client %d) sent no evaluation: %s", reg.node_of(c), c, e)
+                continue
+            if n >= 1:  # weighed by its held-out rows, at most the example cap
+                scores[c] = min(n, self.example_cap or n), metrics
+        return scores
 
 
 def use_budgets(exp: Experiment, strategy_budgets: list[int], registry: ClientRegistry) -> None:
@@ -174,20 +212,43 @@ def serve(grid: Grid, run_config: dict, settings: ServerSettings | None = None,
     resume = s.resume and not s.overwrite
     r = cfg.strategy.global_rank
     allowed = load_registry(s.registry, cfg.data.num_clients, r) if s.registry else None  # before the model loads
-    exp = build_experiment(cfg)
-    # example counts from the server's split (or the operator's file); default budgets from the config
+    exp = server_experiment(cfg) if s.node_data else build_experiment(cfg)
+    # example counts from the server's split, the operator's file or (node-local data) the nodes' word;
+    # default budgets from the config
     registry = ClientRegistry([len(c) for c in exp.data.clients], exp.budgets, r, allowed,
                               floor=s.min_budget)
     rounds = GridRounds(grid, registry, Wait(s.round_timeout, s.round_grace, s.round_quorum),
                         get_method(cfg.strategy.name).respects_budgets, s.silent_rounds)
+    rounds.example_cap = example_cap(run_config) if s.node_data else None
+    exp.client_evaluator = rounds.evaluate_nodes
     rounds.register(s.min_nodes, s.register_timeout)
     kept = resumed_budgets(cfg) if resume else None
     if kept is not None:
         log.warning("resuming the run in %s: the strategy keeps the budgets it was built with, %s",
                     cfg.resolved_output_dir(), kept)
     use_budgets(exp, kept if kept is not None else registry.budgets, registry)
-    round_fn = rounds if before_round is None else lambda e, rnd: (before_round(e, rnd), rounds(e, rnd))[1]
-    return run(cfg, round_fn, overwrite=s.overwrite, resume=resume, progress=False, exp=exp)
+    out = cfg.resolved_output_dir()
+
+    def round_fn(e: Experiment, rnd: int) -> dict:
+        report(out, cfg.federation.rounds)  # the round before, evaluation included
+        if before_round is not None:
+            before_round(e, rnd)
+        return rounds(e, rnd)
+
+    summary = run(cfg, round_fn, overwrite=s.overwrite, resume=resume, progress=False, exp=exp)
+    report(out, cfg.federation.rounds)
+    summary["never_contributed"] = never_contributed(read_metrics(out), sorted(registry.holders))
+    if summary["never_contributed"]:
+        log.warning("registered clients that never contributed: %s", summary["never_contributed"])
+    write_atomic(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def report(out, rounds: int) -> None:
+    """The coordinator's console line about the newest round in metrics.jsonl."""
+    rows = read_metrics(out)
+    if rows:
+        log.warning("%s", round_line(rows[-1], rounds))
 
 
 @app.main()
