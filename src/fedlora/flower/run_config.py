@@ -15,6 +15,7 @@ RUN_OUTPUT, RUN_MIN_NODES, RUN_ROUND_TIMEOUT = "output-dir", "min-nodes", "round
 RUN_REGISTRY, RUN_REGISTER_TIMEOUT = "registry", "register-timeout"
 RUN_RESUME, RUN_OVERWRITE = "resume", "overwrite"
 NODE_PARTITION, NODE_BUDGET, NODE_DEVICE = "partition-id", "budget", "device"
+NODE_WORKER = "worker"  # the Unix socket of the node's long-running worker (:mod:`.worker`); unset: none
 
 
 def config_from_run_config(run_config: dict) -> RunConfig:
