@@ -179,7 +179,7 @@ def test_a_worker_loads_the_model_once_and_gives_the_per_message_clientapps_adap
         worker.wait()
     text = log.read_text()
     assert text.count("loaded model") == 1 and "(load 1)" in text, text
-    assert text.count("train (") == 9  # every task of the 3 rounds went through the worker
+    assert text.count("train (") == text.count("train from node") == 9  # the 3 rounds' tasks all went through it
     a, b = adapters["direct"], adapters["worker"]
     assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in a.items() if k.endswith("lora_B.weight"))
     assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
@@ -260,3 +260,70 @@ def test_the_node_config_names_the_worker_and_the_nodes_own_settings(tmp_path):
     assert node_config(NodeSpec(superlink="h:1", partition_id=0, insecure=True), Path("/s")) == {
         "worker": "/s", "partition-id": 0}
     assert os.path.isabs(node_config(NodeSpec("h:1", data="rel.csv"), Path("/s"))["data-path"])
+
+
+@pytest.mark.slow
+def test_fedlora_nodes_keep_their_models_and_a_killed_worker_costs_its_node_one_round(tiny_bert_dir, tmp_path,
+                                                                                   short_dir):
+    """A SuperLink and 2 `fedlora node`s (worker + SuperNode each) on 127.0.0.1, 3 rounds via `flwr run`.
+    Node 1's worker is SIGKILLed in the middle of its round-1 task (while it loads the model): that round
+    drops client 1 with one line in the server's log, `fedlora node` restarts the worker and client 1 trains
+    in rounds 2 and 3. Node 0's worker loads the model once. SIGTERM then stops each node with its worker
+    and SuperNode."""
+    import json
+    import re
+    import signal
+
+    import tomli_w
+
+    from .test_deployment import APP, BIN, needs_flwr_cli, start, superlink, wait_for
+
+    if needs_flwr_cli.args[0]:
+        pytest.skip("flwr CLI not installed")
+    out = tmp_path / "out"
+    overrides = tiny_overrides(tiny_bert_dir, out, data__num_clients=2, federation__fraction=1.0,
+                               federation__rounds=3)
+    logs = [tmp_path / f"node{i}.log" for i in (0, 1)]
+    with superlink(tmp_path) as (env, link_port, procs):
+        nodes = [start([str(BIN / "fedlora"), "node", "--superlink", f"127.0.0.1:{link_port}", "--insecure",
+                        "--partition-id", str(i), "--budget", str(4 * (i + 1)), "--socket",
+                        str(short_dir / f"n{i}" / "w.sock"), "--cache-dir", str(tmp_path / "cache")], logs[i], env)
+                 for i in (0, 1)]
+        procs += nodes
+        run_config = tmp_path / "run_config.toml"
+        run_config.write_text(tomli_w.dumps({"overrides": shlex.join(overrides), "output-dir": str(out),
+                                             "min-nodes": 2, "round-timeout": 120.0}))
+        runner = start([str(BIN / "flwr"), "run", str(APP), "local", "--run-config", str(run_config), "--stream"],
+                       tmp_path / "run.log", env)
+        procs.append(runner)
+
+        def trains(i: int) -> int:
+            if runner.poll() is not None and not (out / "summary.json").exists():
+                raise RuntimeError("flwr run ended early:\n" + (tmp_path / "run.log").read_text()[-3000:])
+            return logs[i].read_text().count("fedlora worker: train from node")
+
+        wait_for(lambda: trains(1) >= 1, 240, "node 1's round-1 task")
+        pid = int(re.findall(r"fedlora worker: ready on \S+ \(pid (\d+)\)", logs[1].read_text())[-1])
+        assert "loaded model" not in logs[1].read_text()  # still loading: the kill lands mid-task
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: (out / "summary.json").exists(), 240, "the end of the run")
+        for node in nodes:
+            node.send_signal(signal.SIGTERM)
+        for node in nodes:
+            assert node.wait(timeout=30) == 0
+        text = [log.read_text() for log in logs]
+        children = [int(p) for t in text for p in re.findall(r"worker pid (\d+), SuperNode pid (\d+)", t)[0]]
+        children += [int(p) for p in re.findall(r"ready on \S+ \(pid (\d+)\)", text[1])]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert [r["dropped_clients"] for r in rows[1:]] == [[1], [], []]  # dropped in round 1 only
+    run_log = (tmp_path / "run.log").read_text()
+    assert len(re.findall(r"round 1: node \d+ \(client 1\) dropped: .*worker", run_log)) == 1, run_log[-3000:]
+    assert run_log.count("dropped") == 1, run_log[-3000:]
+    assert "the worker died" in text[1] and text[1].count("fedlora worker: ready on") == 2
+    assert text[1].count("loaded model") == 1 and text[1].count("fedlora worker: train (") == 2  # the restarted one
+    assert text[0].count("loaded model") == 1 and "(load 1)" in text[0]  # 3 rounds, one load
+    assert text[0].count("fedlora worker: train (") == 3
+    for pid in children:  # SIGTERM left no orphan behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

@@ -56,6 +56,7 @@ def count_model_loads(say: Callable[[str], None] = log) -> list[int]:
 def answer(conn: socket.socket, app: ClientApp) -> str:
     """Serve one forwarded message on ``conn``; returns its type (for the log)."""
     header = json.loads(recv_frame(conn, HEADER_CAP))
+    log(f"{header['type']} from node {header['node_id']}: started")
     content, state = records_from_bytes(recv_frame(conn, MAX_FRAME)), records_from_bytes(recv_frame(conn, MAX_FRAME))
     context = Context(run_id=int(header["run_id"]), node_id=int(header["node_id"]),
                       node_config=header["node_config"], state=state, run_config=header["run_config"])
@@ -84,6 +85,8 @@ def serve(listener: socket.socket, app: ClientApp, requests: int | None = None) 
         conn, _ = listener.accept()
         t0 = time.perf_counter()
         with conn:
+            if not conn.recv(1, socket.MSG_PEEK):
+                continue  # a readiness probe (connect, close): no request
             try:
                 what = answer(conn, app)
             except Exception as e:  # a broken, oversized or garbled request costs that request, not the worker
