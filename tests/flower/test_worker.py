@@ -143,12 +143,20 @@ def test_every_handler_runs_in_the_worker_and_gives_what_it_gives_in_process(sho
         send(app, {"worker": str(sock)})
 
 
+def test_the_per_message_app_imports_no_torch():
+    """What a node with a worker pays per message: Python and Flower, not torch and the model."""
+    code = "import sys, fedlora.flower.node_app; print([m for m in ('torch', 'transformers') if m in sys.modules])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
 @pytest.mark.slow
 def test_a_worker_loads_the_model_once_and_gives_the_per_message_clientapps_adapter(tiny_bert_dir, tmp_path,
                                                                                     short_dir):
     """3 nodes, 3 rounds of FSLoRA through one worker process: one model load in its log, and the
-    adapter of the same run without a worker (to 1e-6)."""
-    from fedlora.flower import client_app
+    adapter of the same run without a worker (to 1e-6). Both runs go through the per-message app
+    Flower loads (node_app): without a worker it runs the full ClientApp in process."""
+    from fedlora.flower import node_app
     from fedlora.flower.inprocess import InProcessGrid
     from fedlora.flower.run_config import NODE_PARTITION, NODE_WORKER, RUN_CONFIG_FILE, RUN_OVERRIDES, ServerSettings
     from fedlora.flower.server_app import serve as serve_rounds
@@ -164,7 +172,7 @@ def test_a_worker_loads_the_model_once_and_gives_the_per_message_clientapps_adap
                                 federation__rounds=3)
             rc = {RUN_CONFIG_FILE: "", RUN_OVERRIDES: shlex.join(ov)}
             extra = {NODE_WORKER: str(sock)} if mode == "worker" else {}
-            grid = InProcessGrid(client_app.app, [{NODE_PARTITION: i, **extra} for i in range(3)], rc)
+            grid = InProcessGrid(node_app.app, [{NODE_PARTITION: i, **extra} for i in range(3)], rc)
             if mode == "worker":
                 deadline = time.monotonic() + 120
                 while "ready on" not in log.read_text():

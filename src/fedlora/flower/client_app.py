@@ -18,9 +18,8 @@ from ..device import check_device_name
 from ..experiment import Experiment, build_experiment, train_client
 from . import codec
 from .run_config import NODE_BUDGET, NODE_DEVICE, NODE_PARTITION, config_from_run_config
-from .worker_link import worker_mod
 
-app = ClientApp(mods=[worker_mod])  # node-config `worker`: every handler runs in the node's worker instead
+app = ClientApp()
 
 
 @lru_cache(maxsize=2)

@@ -5,7 +5,7 @@ loaded for the whole federation) and a ``flower-supernode`` from the same enviro
 node-config names the worker's socket, the node's data, budget and device; says what the node
 holds once the worker is up; restarts the worker when it dies (the node loses the round in
 flight, not the run); and stops both, with their process groups, on Ctrl-C or SIGTERM.
-Imports no Flower or torch module: ``fedlora --help`` stays fast.
+Imports no Flower module until it runs: the command line works without Flower installed.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from pathlib import Path
 import tomli_w
 
 from ..errors import ConfigError
-from .run_config import NODE_BUDGET, NODE_DEVICE, NODE_PARTITION, NODE_WORKER
 
 # the node-local data keys of the node-config (read by the ClientApp's node-local data path)
 NODE_DATA, NODE_EVAL = "data-path", "eval-path"
@@ -78,6 +77,8 @@ def spec_from_args(args: argparse.Namespace) -> NodeSpec:
 
 def check_spec(spec: NodeSpec) -> None:
     """Every mistake a node's operator can make on the command line, as one ConfigError."""
+    if shutil.which("flower-supernode", path=str(Path(sys.executable).parent)) is None:
+        raise ConfigError("fedlora node: Flower is not installed in this environment (pip install 'fedlora[flower]')")
     host, _, port = spec.superlink.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--superlink: expected HOST:PORT, got {spec.superlink!r}")
@@ -99,6 +100,8 @@ def check_spec(spec: NodeSpec) -> None:
 
 def node_config(spec: NodeSpec, sock: Path) -> dict:
     """The SuperNode's node-config: what the ClientApp (and through it the worker) reads."""
+    from .run_config import NODE_BUDGET, NODE_DEVICE, NODE_PARTITION, NODE_WORKER  # Flower: only when used
+
     cfg: dict = {NODE_WORKER: str(sock)}
     for key, value in ((NODE_PARTITION, spec.partition_id), (NODE_BUDGET, spec.budget),
                        (NODE_DEVICE, spec.device), (NODE_DATA, _abs(spec.data)), (NODE_EVAL, _abs(spec.eval_data))):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ..config import RunConfig, default_config_path, load_config
 from ..errors import ConfigError
+from .worker_link import NODE_WORKER  # noqa: F401 - node-config: the worker's socket (defined by its light channel)
 
 # Keys of the run config, and of a node's node-config.
 RUN_CONFIG_FILE, RUN_OVERRIDES = "config", "overrides"
@@ -15,7 +16,6 @@ RUN_OUTPUT, RUN_MIN_NODES, RUN_ROUND_TIMEOUT = "output-dir", "min-nodes", "round
 RUN_REGISTRY, RUN_REGISTER_TIMEOUT = "registry", "register-timeout"
 RUN_RESUME, RUN_OVERWRITE = "resume", "overwrite"
 NODE_PARTITION, NODE_BUDGET, NODE_DEVICE = "partition-id", "budget", "device"
-NODE_WORKER = "worker"  # the Unix socket of the node's long-running worker (:mod:`.worker`); unset: none
 
 
 def config_from_run_config(run_config: dict) -> RunConfig:

@@ -9,7 +9,8 @@ RecordDict and the state. Nothing is ever unpickled.
 
 :func:`worker_mod` is the Flower mod every ClientApp handler goes through: with node-config
 ``worker`` set it hands the message to the worker and returns the worker's reply; without,
-the handler runs in this process as usual.
+the handler runs in this process as usual. This module imports Flower only (no torch): the
+per-message process of a node with a worker stays light (:mod:`.node_app`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=E0611
 
-from .run_config import NODE_WORKER
-
+NODE_WORKER = "worker"  # node-config: the Unix socket of the node's long-running worker; unset: none
 LENGTH = struct.Struct("!Q")
 MAX_FRAME = 2 << 30  # protobuf's own message limit (2 GiB); a bogus length prefix allocates nothing
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with its NUL
