@@ -176,6 +176,9 @@ def run_node(spec: NodeSpec) -> int:
     config_file = private / "node-config.toml"
     config_file.write_text(tomli_w.dumps(node_config(spec, sock)))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # the SuperNode's SuperExec looks for a new message every second by default; a worker answers in
+    # milliseconds, so that wait was most of a round's overhead (the operator's own setting wins)
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, _f: stop.append(s))
