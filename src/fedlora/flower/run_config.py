@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ..config import RunConfig, default_config_path, load_config
 from ..errors import ConfigError
+from .worker_link import NODE_WORKER  # noqa: F401 - node-config: the worker's socket (defined by its light channel)
 
 # Keys of the run config, and of a node's node-config.
 RUN_CONFIG_FILE, RUN_OVERRIDES = "config", "overrides"
