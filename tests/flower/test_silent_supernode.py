@@ -40,7 +40,7 @@ def test_a_silent_supernode_costs_a_round_the_grace_period_not_the_timeout(tiny_
     shutil.copytree(APP, app)
     (app / "sleepy.py").write_text(SLEEPY)
     pyproject = app / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text().replace("fedlora.flower.client_app:app", "sleepy:app"))
+    pyproject.write_text(re.sub(r'(?m)^clientapp = .*$', 'clientapp = "sleepy:app"', pyproject.read_text()))
     out, grace, timeout = tmp_path / "out", 2.0, 120.0
     overrides = tiny_overrides(tiny_bert_dir, out, data__num_clients=3, federation__fraction=1.0,
                                federation__rounds=1)

@@ -26,8 +26,6 @@ import tomli_w
 
 from ..errors import ConfigError
 
-# the node-local data keys of the node-config (read by the ClientApp's node-local data path)
-NODE_DATA, NODE_EVAL = "data-path", "eval-path"
 RESTARTS, RESTART_WINDOW = 5, 60.0  # more worker deaths than this within the window: stop and report
 GRACE = 10.0  # seconds SIGTERM has before SIGKILL
 
@@ -100,11 +98,18 @@ def check_spec(spec: NodeSpec) -> None:
 
 def node_config(spec: NodeSpec, sock: Path) -> dict:
     """The SuperNode's node-config: what the ClientApp (and through it the worker) reads."""
-    from .run_config import NODE_BUDGET, NODE_DEVICE, NODE_PARTITION, NODE_WORKER  # Flower: only when used
+    from .run_config import (  # Flower: only when used
+        NODE_BUDGET,
+        NODE_DATA,
+        NODE_DEVICE,
+        NODE_EVAL_DATA,
+        NODE_PARTITION,
+        NODE_WORKER,
+    )
 
     cfg: dict = {NODE_WORKER: str(sock)}
-    for key, value in ((NODE_PARTITION, spec.partition_id), (NODE_BUDGET, spec.budget),
-                       (NODE_DEVICE, spec.device), (NODE_DATA, _abs(spec.data)), (NODE_EVAL, _abs(spec.eval_data))):
+    for key, value in ((NODE_PARTITION, spec.partition_id), (NODE_BUDGET, spec.budget), (NODE_DEVICE, spec.device),
+                       (NODE_DATA, _abs(spec.data)), (NODE_EVAL_DATA, _abs(spec.eval_data))):
         if value not in (None, ""):
             cfg[key] = value
     return cfg
