@@ -58,6 +58,16 @@ def fold_rest(state: LoRAState, trained: Tensor, rank: int, scale: float) -> LoR
     return {n: Factors(A=f.A, B=scale * f.B) for n, f in take(state, rest.nonzero().squeeze(1)).items()}
 
 
+def dense_as_factors(W: Tensor) -> Factors:
+    """A dense ``m × n`` delta as a pair with ``B @ A = W`` exactly: an identity on the smaller
+    side (what a dense delta on the wire becomes; :class:`fedlora.lora.LoRALinear` holds any
+    delta whose factors outweigh it as the product)."""
+    m, n = W.shape
+    if n <= m:
+        return Factors(A=torch.eye(n, dtype=W.dtype), B=W)
+    return Factors(A=W, B=torch.eye(m, dtype=W.dtype))
+
+
 def scatter(block: LoRAState, index: Tensor, rank: int) -> LoRAState:
     """Inverse of :func:`take`: place a rank-``len(I)`` block into zeros of rank ``rank``."""
     out: LoRAState = {}
