@@ -22,8 +22,9 @@ docs/rank_recovery.md; "floor k" = error of the best rank-k approximation of ΔW
     fslora: 64 | ~0.80: sketch variance = nuclear-norm^2 penalty
     plora: 64 = R | below floor 16, towards noise
     fullrank: 64 (ignores budgets) | below floor 16, towards noise
+    fslora-u: 64 | 0.05-0.15, stable over the grid (no sketch shrinkage)
 
-    python benchmarks/rank_recovery.py [--quick] [--out docs/rank_recovery.md]
+    python benchmarks/rank_recovery.py [--quick] [--out docs/rank_recovery.md] [--methods fslora fslora-u ...]
 """
 
 from __future__ import annotations
@@ -153,8 +154,8 @@ def global_update(server: FederatedServer) -> Tensor:
     return dense(merged_factors(server.global_task())["map"])
 
 
-def run(name: str, s: Setup, p: Problem, lr: float, seed: int) -> tuple[list[float], list[float], Tensor]:
-    """Errors and cumulative uploaded bytes after rounds 0..R, and the final ΔW."""
+def run(name: str, s: Setup, p: Problem, lr: float, seed: int) -> tuple[list[float], list[float], float, Tensor]:
+    """Errors and cumulative uploaded bytes after rounds 0..R, the total bytes down, and the final ΔW."""
     lm = LoRAModel(OneLinear(p.w0), ["map"])
     budgets = list(s.budgets)
     strategy = build_strategy(name, lm.shapes(), budgets, seed, global_rank=s.target_rank, alpha=s.alpha)
@@ -162,7 +163,7 @@ def run(name: str, s: Setup, p: Problem, lr: float, seed: int) -> tuple[list[flo
                              fingerprint=lm.fingerprint, seed=seed)
     cfg = TrainConfig(local_steps=s.steps, batch_size=s.batch, lr=lr, optimizer="adamw", max_grad_norm=0.0)
     norm = p.target.norm().item()
-    errors, uploads = [1.0], [0.0]
+    errors, uploads, down = [1.0], [0.0], 0.0
     for rnd in range(1, s.rounds + 1):
         tasks = server.configure(rnd, list(range(len(s.budgets))))
         updates = {}
@@ -170,9 +171,11 @@ def run(name: str, s: Setup, p: Problem, lr: float, seed: int) -> tuple[list[flo
             rows = torch.randint(s.examples, (s.steps, s.batch), generator=torch_generator(seed, "batch", rnd, c))
             batches = [{"x": p.xs[c][i], "labels": p.ys[c][i]} for i in rows]
             updates[c] = local_train(lm, task, batches, cfg, s.examples)
-        uploads.append(uploads[-1] + server.aggregate(rnd, tasks, updates)["bytes_up"])
+        metrics = server.aggregate(rnd, tasks, updates)
+        uploads.append(uploads[-1] + metrics["bytes_up"])
+        down += metrics["bytes_down"]
         errors.append((global_update(server) - p.target).norm().item() / norm)
-    return errors, uploads, global_update(server)
+    return errors, uploads, down, global_update(server)
 
 
 @dataclass
@@ -181,6 +184,7 @@ class Run:
     grid: dict[float, float]  # lr -> final error on the tuning seed
     errors: list[float]  # after rounds 0..R
     uploads: list[float]  # cumulative bytes up after rounds 0..R
+    down: float  # total bytes down (what the codec encodes: a grown delta dense)
     delta: Tensor  # the final global ΔW
 
 
@@ -227,13 +231,14 @@ def report(s: Setup, results: dict[str, Run], floors: dict[int, float], tuned: b
         rows.append([name + ("" if METHODS[name].respects_budgets else " (ref.)"), f"{r.lr:g}{edge}",
                      (PREDICTIONS.get(name, "?").split(" | ") + ["?"])[1], f"{r.errors[-1]:.3f}",
                      f"{np.interp(equal, r.uploads, r.errors):.3f}", first_below(r.errors, floors[lo]),
-                     first_below(r.errors, floors[hi]), f"{erank:.1f}", f"{top:.3f}", f"{r.uploads[-1] / 1e6:.3g}"])
+                     first_below(r.errors, floors[hi]), f"{erank:.1f}", f"{top:.3f}", f"{r.uploads[-1] / 1e6:.3g}",
+                     f"{r.down / 1e6:.3g}", f"{(r.uploads[-1] + r.down) / 1e6:.3g}"])
     marks = [m for m in (1, 2, 5, 10, 20, 50, 100, 200) if m <= s.rounds]
     most = max(r.uploads[-1] for r in results.values())
     levels = [equal * f for f in (0.25, 0.5, 1, 2, 4, 8, 16) if equal * f <= most]
     return "\n\n".join([
         md(["method", "lr", "predicted", "final error", f"error @ {equal / 1e6:.3g} MB up", f"rounds < floor {lo}",
-            f"rounds < floor {hi}", "eff. rank", f"top-{s.target_rank} energy", "MB up"], rows),
+            f"rounds < floor {hi}", "eff. rank", f"top-{s.target_rank} energy", "MB up", "MB down", "MB total"], rows),
         f"lr: {'the best final error on seed 1 (* = an edge of the grid)' if tuned else 'one, untuned'}. "
         "Relative error by round:",
         md(["method", *(f"round {m}" for m in marks)], [[n, *(f"{r.errors[m]:.3f}" for m in marks)]
@@ -252,6 +257,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="64 x 64, rank 16, budgets {2, 4}, 5 rounds")
     ap.add_argument("--out", type=Path, default=None,
                     help="Markdown file for the tables (default docs/rank_recovery.md; none with --quick)")
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                    help="run only these (the table is then theirs alone: use with --out elsewhere)")
     args = ap.parse_args()
     # tiny matmuls: one thread; on the shared 2-core machine two threads ran 10.5 s a round instead of 0.046 s
     torch.set_num_threads(1)
@@ -270,10 +277,10 @@ def main() -> None:
             f"{sk_err:.3f} ({sk_rank} directions); effective rank of ΔW* = {spectrum_stats(prob.target, 1)[0]:.1f}"
             + "".join(f"; {n} row-space floor = {v:.3f}" for n, v in frozen_A_floors(s, prob).items()))
     print(head, refs, "\npredictions for the full size (rank ceiling | final error), before the first full run:",
-          *(f"  {n:>9}: {PREDICTIONS.get(n, '? | none (added after them)')}" for n in METHODS), sep="\n")
+          *(f"  {n:>9}: {PREDICTIONS.get(n, '? | none (added after them)')}" for n in args.methods), sep="\n")
     tune = make_problem(s, seed=1) if len(s.lrs) > 1 else None
     results: dict[str, Run] = {}
-    for name in METHODS:
+    for name in args.methods:
         grid = {x: tuning_error(name, s, tune, x) for x in s.lrs} if tune is not None else {s.lrs[0]: math.nan}
         lr = min(grid, key=grid.__getitem__)
         results[name] = Run(lr, grid, *run(name, s, prob, lr, seed=0))
@@ -288,8 +295,10 @@ def main() -> None:
     print_summary([summary_row("rank_recovery", f"{n} final relative error ({s.rounds} rounds)", f"{e:.3f}",
                                PREDICTIONS.get(n, "-").split(" | ")[-1], None) for n, e in final.items()]
                   + [summary_row("rank_recovery", "FSLoRA final error vs FedIT's", f"{final['fslora']:.3f} vs "
-                                 f"{final['fedit']:.3f}", "FSLoRA below FedIT", final["fslora"] < final["fedit"])])
-
+                                 f"{final['fedit']:.3f}", "FSLoRA below FedIT", final["fslora"] < final["fedit"])
+                     for _ in [0] if {"fslora", "fedit"} <= set(final)]
+                  + [summary_row("rank_recovery", "fslora-u final error", f"{final['fslora-u']:.3f}", "<= 0.15",
+                                 final["fslora-u"] <= 0.15) for _ in [0] if "fslora-u" in final and not args.quick])
 
 if __name__ == "__main__":
     main()
