@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,6 +68,7 @@ class Setup:
     lrs: tuple[float, ...]  # AdamW grid; one value: no tuning
     noise: float = 0.01
     alpha: float = 16.0
+    server_lr: float = 1.0  # for the methods that have one (fslora, fslora-u)
 
 
 FULL = Setup(256, 64, (4, 8, 16) * 4, (64, 96), 256, rounds=100, steps=10, batch=32, lrs=(1e-3, 3e-3, 1e-2, 3e-2))
@@ -158,7 +159,11 @@ def run(name: str, s: Setup, p: Problem, lr: float, seed: int) -> tuple[list[flo
     """Errors and cumulative uploaded bytes after rounds 0..R, the total bytes down, and the final ΔW."""
     lm = LoRAModel(OneLinear(p.w0), ["map"])
     budgets = list(s.budgets)
-    strategy = build_strategy(name, lm.shapes(), budgets, seed, global_rank=s.target_rank, alpha=s.alpha)
+    settings = METHODS[name].default_settings()
+    if hasattr(settings, "server_lr"):
+        settings.server_lr = s.server_lr
+    strategy = build_strategy(name, lm.shapes(), budgets, seed, global_rank=s.target_rank, alpha=s.alpha,
+                              settings=settings)
     server = FederatedServer(strategy, lm.head_state(), budgets, [s.examples] * len(s.budgets),
                              fingerprint=lm.fingerprint, seed=seed)
     cfg = TrainConfig(local_steps=s.steps, batch_size=s.batch, lr=lr, optimizer="adamw", max_grad_norm=0.0)
@@ -259,10 +264,11 @@ def main() -> None:
                     help="Markdown file for the tables (default docs/rank_recovery.md; none with --quick)")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                     help="run only these (the table is then theirs alone: use with --out elsewhere)")
+    ap.add_argument("--server-lr", type=float, default=1.0, help="server_lr of the methods that have one")
     args = ap.parse_args()
     # tiny matmuls: one thread; on the shared 2-core machine two threads ran 10.5 s a round instead of 0.046 s
     torch.set_num_threads(1)
-    s = QUICK if args.quick else FULL
+    s = replace(QUICK if args.quick else FULL, server_lr=args.server_lr)
     out = args.out or (None if args.quick else Path(__file__).resolve().parents[1] / "docs" / "rank_recovery.md")
     start = time.perf_counter()
     prob = make_problem(s, seed=0)
@@ -271,7 +277,7 @@ def main() -> None:
     head = (f"{s.dim}x{s.dim}, ΔW* rank {s.target_rank} (σ_j = exp(-2j/{s.target_rank})), {len(s.budgets)} clients "
             f"at budgets {sorted(set(s.budgets))}, subspaces of dim {s.sub_dims[0]}-{s.sub_dims[1]}, {s.examples} "
             f"examples each, {s.rounds} rounds x {s.steps} AdamW steps of {s.batch}, global rank {s.target_rank}, "
-            f"alpha {s.alpha:g}")
+            f"alpha {s.alpha:g}" + (f", server_lr {s.server_lr:g}" if s.server_lr != 1 else ""))
     refs = (", ".join(f"floor {k} = {v:.3f}" for k, v in floors.items())
             + f"; noise floor (pooled least squares) = {pooled_lstsq(prob):.3f}; FSLoRA sketch-bias fixed point = "
             f"{sk_err:.3f} ({sk_rank} directions); effective rank of ΔW* = {spectrum_stats(prob.target, 1)[0]:.1f}"
