@@ -22,8 +22,9 @@ docs/rank_recovery.md; "floor k" = error of the best rank-k approximation of ΔW
     fslora: 64 | ~0.80: sketch variance = nuclear-norm^2 penalty
     plora: 64 = R | below floor 16, towards noise
     fullrank: 64 (ignores budgets) | below floor 16, towards noise
+    fslora-u: 64 | 0.05-0.15, stable over the grid (no sketch shrinkage)
 
-    python benchmarks/rank_recovery.py [--quick] [--out docs/rank_recovery.md]
+    python benchmarks/rank_recovery.py [--quick] [--out docs/rank_recovery.md] [--methods fslora fslora-u ...]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,6 +68,7 @@ class Setup:
     lrs: tuple[float, ...]  # AdamW grid; one value: no tuning
     noise: float = 0.01
     alpha: float = 16.0
+    server_lr: float = 1.0  # for the methods that have one (fslora, fslora-u)
 
 
 FULL = Setup(256, 64, (4, 8, 16) * 4, (64, 96), 256, rounds=100, steps=10, batch=32, lrs=(1e-3, 3e-3, 1e-2, 3e-2))
@@ -153,16 +155,20 @@ def global_update(server: FederatedServer) -> Tensor:
     return dense(merged_factors(server.global_task())["map"])
 
 
-def run(name: str, s: Setup, p: Problem, lr: float, seed: int) -> tuple[list[float], list[float], Tensor]:
-    """Errors and cumulative uploaded bytes after rounds 0..R, and the final ΔW."""
+def run(name: str, s: Setup, p: Problem, lr: float, seed: int) -> tuple[list[float], list[float], float, Tensor]:
+    """Errors and cumulative uploaded bytes after rounds 0..R, the total bytes down, and the final ΔW."""
     lm = LoRAModel(OneLinear(p.w0), ["map"])
     budgets = list(s.budgets)
-    strategy = build_strategy(name, lm.shapes(), budgets, seed, global_rank=s.target_rank, alpha=s.alpha)
+    settings = METHODS[name].default_settings()
+    if hasattr(settings, "server_lr"):
+        settings.server_lr = s.server_lr
+    strategy = build_strategy(name, lm.shapes(), budgets, seed, global_rank=s.target_rank, alpha=s.alpha,
+                              settings=settings)
     server = FederatedServer(strategy, lm.head_state(), budgets, [s.examples] * len(s.budgets),
                              fingerprint=lm.fingerprint, seed=seed)
     cfg = TrainConfig(local_steps=s.steps, batch_size=s.batch, lr=lr, optimizer="adamw", max_grad_norm=0.0)
     norm = p.target.norm().item()
-    errors, uploads = [1.0], [0.0]
+    errors, uploads, down = [1.0], [0.0], 0.0
     for rnd in range(1, s.rounds + 1):
         tasks = server.configure(rnd, list(range(len(s.budgets))))
         updates = {}
@@ -170,9 +176,11 @@ def run(name: str, s: Setup, p: Problem, lr: float, seed: int) -> tuple[list[flo
             rows = torch.randint(s.examples, (s.steps, s.batch), generator=torch_generator(seed, "batch", rnd, c))
             batches = [{"x": p.xs[c][i], "labels": p.ys[c][i]} for i in rows]
             updates[c] = local_train(lm, task, batches, cfg, s.examples)
-        uploads.append(uploads[-1] + server.aggregate(rnd, tasks, updates)["bytes_up"])
+        metrics = server.aggregate(rnd, tasks, updates)
+        uploads.append(uploads[-1] + metrics["bytes_up"])
+        down += metrics["bytes_down"]
         errors.append((global_update(server) - p.target).norm().item() / norm)
-    return errors, uploads, global_update(server)
+    return errors, uploads, down, global_update(server)
 
 
 @dataclass
@@ -181,6 +189,7 @@ class Run:
     grid: dict[float, float]  # lr -> final error on the tuning seed
     errors: list[float]  # after rounds 0..R
     uploads: list[float]  # cumulative bytes up after rounds 0..R
+    down: float  # total bytes down (what the codec encodes: a grown delta dense)
     delta: Tensor  # the final global ΔW
 
 
@@ -227,13 +236,14 @@ def report(s: Setup, results: dict[str, Run], floors: dict[int, float], tuned: b
         rows.append([name + ("" if METHODS[name].respects_budgets else " (ref.)"), f"{r.lr:g}{edge}",
                      (PREDICTIONS.get(name, "?").split(" | ") + ["?"])[1], f"{r.errors[-1]:.3f}",
                      f"{np.interp(equal, r.uploads, r.errors):.3f}", first_below(r.errors, floors[lo]),
-                     first_below(r.errors, floors[hi]), f"{erank:.1f}", f"{top:.3f}", f"{r.uploads[-1] / 1e6:.3g}"])
+                     first_below(r.errors, floors[hi]), f"{erank:.1f}", f"{top:.3f}", f"{r.uploads[-1] / 1e6:.3g}",
+                     f"{r.down / 1e6:.3g}", f"{(r.uploads[-1] + r.down) / 1e6:.3g}"])
     marks = [m for m in (1, 2, 5, 10, 20, 50, 100, 200) if m <= s.rounds]
     most = max(r.uploads[-1] for r in results.values())
     levels = [equal * f for f in (0.25, 0.5, 1, 2, 4, 8, 16) if equal * f <= most]
     return "\n\n".join([
         md(["method", "lr", "predicted", "final error", f"error @ {equal / 1e6:.3g} MB up", f"rounds < floor {lo}",
-            f"rounds < floor {hi}", "eff. rank", f"top-{s.target_rank} energy", "MB up"], rows),
+            f"rounds < floor {hi}", "eff. rank", f"top-{s.target_rank} energy", "MB up", "MB down", "MB total"], rows),
         f"lr: {'the best final error on seed 1 (* = an edge of the grid)' if tuned else 'one, untuned'}. "
         "Relative error by round:",
         md(["method", *(f"round {m}" for m in marks)], [[n, *(f"{r.errors[m]:.3f}" for m in marks)]
@@ -252,10 +262,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="64 x 64, rank 16, budgets {2, 4}, 5 rounds")
     ap.add_argument("--out", type=Path, default=None,
                     help="Markdown file for the tables (default docs/rank_recovery.md; none with --quick)")
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                    help="run only these (the table is then theirs alone: use with --out elsewhere)")
+    ap.add_argument("--server-lr", type=float, default=1.0, help="server_lr of the methods that have one")
     args = ap.parse_args()
     # tiny matmuls: one thread; on the shared 2-core machine two threads ran 10.5 s a round instead of 0.046 s
     torch.set_num_threads(1)
-    s = QUICK if args.quick else FULL
+    s = replace(QUICK if args.quick else FULL, server_lr=args.server_lr)
     out = args.out or (None if args.quick else Path(__file__).resolve().parents[1] / "docs" / "rank_recovery.md")
     start = time.perf_counter()
     prob = make_problem(s, seed=0)
@@ -264,16 +277,16 @@ def main() -> None:
     head = (f"{s.dim}x{s.dim}, ΔW* rank {s.target_rank} (σ_j = exp(-2j/{s.target_rank})), {len(s.budgets)} clients "
             f"at budgets {sorted(set(s.budgets))}, subspaces of dim {s.sub_dims[0]}-{s.sub_dims[1]}, {s.examples} "
             f"examples each, {s.rounds} rounds x {s.steps} AdamW steps of {s.batch}, global rank {s.target_rank}, "
-            f"alpha {s.alpha:g}")
+            f"alpha {s.alpha:g}" + (f", server_lr {s.server_lr:g}" if s.server_lr != 1 else ""))
     refs = (", ".join(f"floor {k} = {v:.3f}" for k, v in floors.items())
             + f"; noise floor (pooled least squares) = {pooled_lstsq(prob):.3f}; FSLoRA sketch-bias fixed point = "
             f"{sk_err:.3f} ({sk_rank} directions); effective rank of ΔW* = {spectrum_stats(prob.target, 1)[0]:.1f}"
             + "".join(f"; {n} row-space floor = {v:.3f}" for n, v in frozen_A_floors(s, prob).items()))
     print(head, refs, "\npredictions for the full size (rank ceiling | final error), before the first full run:",
-          *(f"  {n:>9}: {PREDICTIONS.get(n, '? | none (added after them)')}" for n in METHODS), sep="\n")
+          *(f"  {n:>9}: {PREDICTIONS.get(n, '? | none (added after them)')}" for n in args.methods), sep="\n")
     tune = make_problem(s, seed=1) if len(s.lrs) > 1 else None
     results: dict[str, Run] = {}
-    for name in METHODS:
+    for name in args.methods:
         grid = {x: tuning_error(name, s, tune, x) for x in s.lrs} if tune is not None else {s.lrs[0]: math.nan}
         lr = min(grid, key=grid.__getitem__)
         results[name] = Run(lr, grid, *run(name, s, prob, lr, seed=0))
@@ -288,8 +301,10 @@ def main() -> None:
     print_summary([summary_row("rank_recovery", f"{n} final relative error ({s.rounds} rounds)", f"{e:.3f}",
                                PREDICTIONS.get(n, "-").split(" | ")[-1], None) for n, e in final.items()]
                   + [summary_row("rank_recovery", "FSLoRA final error vs FedIT's", f"{final['fslora']:.3f} vs "
-                                 f"{final['fedit']:.3f}", "FSLoRA below FedIT", final["fslora"] < final["fedit"])])
-
+                                 f"{final['fedit']:.3f}", "FSLoRA below FedIT", final["fslora"] < final["fedit"])
+                     for _ in [0] if {"fslora", "fedit"} <= set(final)]
+                  + [summary_row("rank_recovery", "fslora-u final error", f"{final['fslora-u']:.3f}", "<= 0.15",
+                                 final["fslora-u"] <= 0.15) for _ in [0] if "fslora-u" in final and not args.quick])
 
 if __name__ == "__main__":
     main()

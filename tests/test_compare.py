@@ -3,6 +3,8 @@
 import csv
 import json
 
+import pytest
+
 from fedlora.cli import main
 from fedlora.compare import write_report
 from fedlora.strategies import METHODS as STRATEGIES
@@ -20,6 +22,8 @@ def test_compare_every_method_writes_table_plots_and_resumes(tiny_bert_dir, tmp_
     assert [r["method"] for r in rows] == list(STRATEGIES)
     for r in rows:
         assert 0 <= float(r["final_accuracy_mean"]) <= 1 and float(r["upload_MB"]) > 0
+        assert float(r["total_MB"]) == pytest.approx(float(r["upload_MB"]) + float(r["download_MB"]))
+        assert float(r["total_MB"]) > float(r["upload_MB"])  # every method downloads something
     md = (out / "results.md").read_text()
     assert all(f"| {m} |" in md for m in STRATEGIES)
     for png in ("accuracy_vs_round.png", "accuracy_vs_upload.png", "diagnostics.png"):

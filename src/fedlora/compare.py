@@ -95,6 +95,9 @@ def write_report(out: Path, methods: list[str], seeds: list[int]) -> Path:
             f"initial_{name}": statistics.fmean(s.get("initial_metric", s.get("initial_accuracy")) for s in sums),
             "upload_MB": statistics.fmean(sum(r.get("bytes_up", 0) for r in rs) for rs in runs) / 1e6,
             "download_MB": statistics.fmean(sum(r.get("bytes_down", 0) for r in rs) for rs in runs) / 1e6,
+            # up + down: a method that uploads little may download much (FLoRA's delta, a fold)
+            "total_MB": statistics.fmean(sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in rs)
+                                         for rs in runs) / 1e6,
             "wall_time_s": statistics.fmean(s["wall_time_s"] for s in sums),
         })
     with (out / "results.csv").open("w", newline="") as f:
@@ -107,13 +110,14 @@ def write_report(out: Path, methods: list[str], seeds: list[int]) -> Path:
         f"round{' (mean ± std over seeds)' if len(seeds) > 1 else ''}; traffic summed over all rounds and "
         f"clients{' (mean over seeds)' if len(seeds) > 1 else ''}.",
         "",
-        f"| method | lr | final {LABELS[name]} | upload (MB) | download (MB) | wall time (s) |",
-        "|---|---|---|---|---|---|",
+        f"| method | lr | final {LABELS[name]} | upload (MB) | total up + down (MB) | download (MB) | wall time (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         spread = f" ± {r[f'final_{name}_std']:.3f}" if len(seeds) > 1 else ""  # no spread of one draw
         lines.append(f"| {r['method']} | {r['lr']:g} | {r[f'final_{name}_mean']:.3f}{spread} "
-                     f"| {r['upload_MB']:.2f} | {r['download_MB']:.2f} | {r['wall_time_s']:.0f} |")
+                     f"| {r['upload_MB']:.2f} | {r['total_MB']:.2f} | {r['download_MB']:.2f} "
+                     f"| {r['wall_time_s']:.0f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     runs = {m: [run_dir(out, m, s) for s in seeds] for m in methods}
     plot_curves(runs, seeds, out, name)

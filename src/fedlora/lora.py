@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from .types import ClientTask, Factors, LoRAState
+from .types import ClientTask, Factors, LoRAState, dense_is_cheaper
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -52,6 +52,8 @@ class LoRALinear(nn.Module):
         # Frozen low-rank delta merged "into the base" by strategies such as FLoRA.
         self.register_buffer("delta_A", torch.zeros(0, in_f, **empty), persistent=False)
         self.register_buffer("delta_B", torch.zeros(out_f, 0, **empty), persistent=False)
+        # ... or its product, when the factors outweigh it (a delta sent dense, a grown one)
+        self.register_buffer("delta_W", torch.zeros(0, in_f, **empty), persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -71,8 +73,10 @@ class LoRALinear(nn.Module):
 
     def set_delta(self, f: Factors | None) -> None:
         out_f, in_f = self.shape
-        self.delta_A = self.delta_A.new_zeros(0, in_f) if f is None else self._own(f.A)
-        self.delta_B = self.delta_B.new_zeros(out_f, 0) if f is None else self._own(f.B)
+        dense = f is not None and dense_is_cheaper(f)
+        self.delta_A = self.delta_A.new_zeros(0, in_f) if f is None or dense else self._own(f.A)
+        self.delta_B = self.delta_B.new_zeros(out_f, 0) if f is None or dense else self._own(f.B)
+        self.delta_W = self._own(f.B) @ self._own(f.A) if dense else self.delta_W.new_zeros(0, in_f)
 
     def factors(self) -> Factors:
         """The trained pair, on the CPU (what an update carries)."""
@@ -85,6 +89,8 @@ class LoRALinear(nn.Module):
             y = y + ((self.dropout(xf) @ self.lora_A.T @ self.lora_B.T) * self.scale).to(y.dtype)
         if self.delta_A.shape[0] > 0:
             y = y + (xf @ self.delta_A.T @ self.delta_B.T).to(y.dtype)
+        if self.delta_W.shape[0] > 0:
+            y = y + (xf @ self.delta_W.T).to(y.dtype)
         return y
 
 

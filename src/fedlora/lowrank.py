@@ -33,14 +33,14 @@ class SVD:
 
         ``split`` puts ``sqrt(Σ)`` in each factor ("balanced") or all of ``Σ`` in ``B``
         with orthonormal ``A`` ("all-in-B", as FlexLoRA's authors do). Ranks beyond the
-        available singular values get ``B`` columns of zero (the product is unchanged) and
-        ``A`` rows orthogonal to the kept ones, of a fresh LoRA init's norm: a zero pair
-        would get zero gradient in both factors, so the client would train fewer ranks
-        than it was given.
+        numerically nonzero singular values (:func:`numerical_rank`: a rank excess, or a
+        rank-deficient ``ΔW``) get ``B`` columns of zero (the product is unchanged) and ``A``
+        rows orthogonal to the kept ones, of a fresh LoRA init's norm: a zero pair would get
+        zero gradient in both factors, so the client would train fewer ranks than it was given.
         """
         if split not in get_args(SigmaSplit):
             raise ValueError(f"sigma split must be one of {get_args(SigmaSplit)}, got {split!r}")
-        q = min(rank, self.S.numel())
+        q = min(rank, numerical_rank(self.S, max(self.U.shape[0], self.Vh.shape[1])))
         U, S, Vh = self.U[:, :q], self.S[:q], self.Vh[:q]
         if split == "balanced":
             root = (S / scale).sqrt()
@@ -53,6 +53,15 @@ class SVD:
             B = torch.cat([B, B.new_zeros(B.shape[0], pad)], 1)
             A = torch.cat([A, fresh.to(A.dtype)], 0)
         return Factors(A=A.contiguous(), B=B.contiguous())
+
+
+def numerical_rank(S: Tensor, size: int) -> int:
+    """How many of the non-increasing ``S`` are nonzero relative to the largest (numpy's
+    ``matrix_rank`` tolerance ``σ_max · size · eps``); the rest are round-off of a zero."""
+    if S.numel() == 0:
+        return 0
+    tol = S.max() * size * torch.finfo(S.dtype).eps
+    return int((S > tol).sum())
 
 
 PAD_SEED = 0  # pad rows are a fixed function of the kept ones: every server pads alike

@@ -38,6 +38,10 @@ def _inexact(settings: Any) -> bool:
     return False
 
 
+def _any_budget(built: Sequence[int], served: Sequence[int]) -> str | None:
+    return None
+
+
 def always(settings: Any) -> bool:
     return True
 
@@ -60,6 +64,9 @@ class Method:
         one_pair: the global adapter is one LoRA pair, the strategy's ``factors`` at its
             ``scale`` (nothing else until the first round), so training can start from an
             existing adapter (``model.init_adapter``).
+        budget_blocker: (budgets the strategy is built for, budgets it must serve) -> None when
+            it can serve every one, else a one-line reason (raFLoRA: a budget below its smallest
+            rank level); checked where both are known, before any round.
     """
 
     name: str
@@ -70,6 +77,7 @@ class Method:
     respects_budgets: bool = True
     exact: Callable[[Any], bool] = _inexact
     one_pair: bool = False
+    budget_blocker: Callable[[Sequence[int], Sequence[int]], str | None] = _any_budget
 
     def default_settings(self) -> Any:
         return self.settings() if self.settings is not None else None

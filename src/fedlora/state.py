@@ -47,6 +47,27 @@ def take(state: LoRAState, index: Tensor) -> LoRAState:
     return {n: Factors(A=f.A[index].clone(), B=f.B[:, index].clone()) for n, f in state.items()}
 
 
+def fold_rest(state: LoRAState, trained: Tensor, rank: int, scale: float) -> LoRAState:
+    """The slots outside ``trained`` as a frozen base delta (scale folded into ``B``), so a client
+    training ``take(state, trained)`` at ``scale`` starts from ``W0 + scale·B·A`` exactly; a
+    low-rank side path, never added into ``W0`` (works over any base, quantised included)."""
+    rest = torch.ones(rank, dtype=torch.bool)
+    rest[trained] = False
+    if not rest.any():
+        return {}
+    return {n: Factors(A=f.A, B=scale * f.B) for n, f in take(state, rest.nonzero().squeeze(1)).items()}
+
+
+def dense_as_factors(W: Tensor) -> Factors:
+    """A dense ``m × n`` delta as a pair with ``B @ A = W`` exactly: an identity on the smaller
+    side (what a dense delta on the wire becomes; :class:`fedlora.lora.LoRALinear` holds any
+    delta whose factors outweigh it as the product)."""
+    m, n = W.shape
+    if n <= m:
+        return Factors(A=torch.eye(n, dtype=W.dtype), B=W)
+    return Factors(A=W, B=torch.eye(m, dtype=W.dtype))
+
+
 def scatter(block: LoRAState, index: Tensor, rank: int) -> LoRAState:
     """Inverse of :func:`take`: place a rank-``len(I)`` block into zeros of rank ``rank``."""
     out: LoRAState = {}

@@ -143,7 +143,9 @@ def tensors_of(payload: ClientTask | ClientUpdate) -> dict[str, Tensor]:
     """Every tensor a task or update carries, under a flat, stable key.
 
     The Flower codec serialises exactly these tensors, and byte accounting counts
-    exactly these, so the reported traffic is what is really sent.
+    exactly these, so the reported traffic is what is really sent. A base delta goes as its
+    factors or, where cheaper (:func:`dense_is_cheaper`), as the dense product
+    ``delta.<name>.W``, so it never costs more than ``m n`` numbers.
     """
     out: dict[str, Tensor] = {}
     skip_A = isinstance(payload, ClientUpdate) and payload.freeze_A
@@ -152,11 +154,20 @@ def tensors_of(payload: ClientTask | ClientUpdate) -> dict[str, Tensor]:
             out[f"lora.{name}.A"] = f.A
         out[f"lora.{name}.B"] = f.B
     for name, f in (payload.base_delta if isinstance(payload, ClientTask) else {}).items():
-        out[f"delta.{name}.A"] = f.A
-        out[f"delta.{name}.B"] = f.B
+        if dense_is_cheaper(f):  # a grown delta (FedEx-LoRA, FLoRA, FLoRIST) goes as its m × n product
+            out[f"delta.{name}.W"] = f.B @ f.A
+        else:
+            out[f"delta.{name}.A"] = f.A
+            out[f"delta.{name}.B"] = f.B
     for name, t in payload.head.items():
         out[f"head.{name}"] = t
     return out
+
+
+def dense_is_cheaper(f: Factors) -> bool:
+    """Whether the dense ``m × n`` product is smaller than the factors: ``(m + n) r > m n``."""
+    m, n = f.shape
+    return (m + n) * f.rank > m * n
 
 
 def payload_nbytes(payload: ClientTask | ClientUpdate) -> int:

@@ -12,7 +12,7 @@ from .common import SHAPES, SPECS, build, global_dense, train
 
 def test_registry_has_every_method():
     assert set(METHODS) == {"fslora", "flexlora", "hetlora", "flora", "fedit", "ffa", "fullrank",
-                            "florist", "raflora", "plora", "fedex"}
+                            "florist", "raflora", "plora", "fedex", "fslora-u"}
 
 
 def plain(x):

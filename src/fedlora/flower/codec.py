@@ -13,6 +13,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
+from ..state import dense_as_factors
 from ..types import ClientTask, ClientUpdate, Factors, LoRAState, tensors_of
 from ..validate import MAX_METRICS, Reject, RejectedReply
 
@@ -55,7 +56,7 @@ def _unpack(record: ArrayRecord, groups: tuple[str, ...]) -> tuple[dict[str, dic
             head[rest] = t
             continue
         name, _, part = rest.rpartition(".")
-        if not name or part not in PARTS:
+        if not name or part not in (PARTS + ("W",) if group == "delta" else PARTS):  # W: a dense delta
             raise Malformed(f"unexpected tensor {key!r}"[:160])
         (lora if group == "lora" else delta).setdefault(name, {})[part] = t
     return lora, delta, head
@@ -103,8 +104,10 @@ def decode_task(content: RecordDict) -> tuple[int, ClientTask]:
     meta = content.config_records[META]
     lora, delta, head = _unpack(content.array_records[ARRAYS], GROUPS)
     config = {k[len(CONFIG_PREFIX):]: v for k, v in meta.items() if k.startswith(CONFIG_PREFIX)}
+    dense = {n: dense_as_factors(ps["W"]) for n, ps in delta.items() if set(ps) == {"W"}}
+    base_delta = {**_factors({n: ps for n, ps in delta.items() if n not in dense}), **dense}
     task = ClientTask(factors=_factors(lora), scale=float(meta["scale"]), freeze_A=bool(meta["freeze_A"]),
-                      base_delta=_factors(delta), head=head, config=config, fingerprint=str(meta["fingerprint"]),
+                      base_delta=base_delta, head=head, config=config, fingerprint=str(meta["fingerprint"]),
                       nonce=str(meta.get("nonce", "")))
     return int(meta["round"]), task
 

@@ -29,6 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..atomic import write_atomic
 from ..checkpoint import latest_checkpoint
 from ..config import RunConfig
+from ..errors import check
 from ..experiment import ClientScores, Experiment, build_experiment, build_global_strategy
 from ..methods import get_method
 from ..outdir import SUMMARY
@@ -187,7 +188,11 @@ class GridRounds:
 
 def use_budgets(exp: Experiment, strategy_budgets: list[int], registry: ClientRegistry) -> None:
     """A fresh strategy built from ``strategy_budgets`` (FedIT's common rank, HetLoRA's global
-    rank, ... follow from them); the server sends and weighs by the registry's numbers."""
+    rank, ... follow from them); the server sends and weighs by the registry's numbers. A
+    registered budget the method cannot serve (raFLoRA resumed with a smaller one) is refused
+    here, in one line, before any round."""
+    blocker = get_method(exp.cfg.strategy.name).budget_blocker(strategy_budgets, registry.budgets)
+    check("budgets", blocker is None, str(blocker))
     exp.server.strategy = build_global_strategy(exp.cfg, exp.lm, strategy_budgets)
     exp.budgets = list(strategy_budgets)  # what checkpoints and clients.json record
     exp.server.budgets, exp.server.num_examples = list(registry.budgets), list(registry.num_examples)

@@ -6,12 +6,20 @@ budget), with scale ``s * r / k_i``, which is exact gradient descent on
 ``W0 + s * B S A`` with the diagonal sketch ``S = (r / k_i) * 1_I``. The server scatters
 each client's increments back to rank ``r`` and takes their weighted mean (coordinates a
 client did not sample contribute zero: the unbiased update of the paper).
+
+``fslora-u`` (``exact_start``): the same draw, upload and aggregate, but each client starts from
+the global model exactly: it trains its block at the global scale ``s`` (no ``r / k_i``
+amplification) with the unsampled slots folded into its frozen weights as a low-rank side
+path. The sketch then no longer changes the function a client trains, so the averaged
+increments descend the true objective, whose minimiser has no sketch shrinkage
+(docs/rank_recovery.md); the price is the fold's download, ``(r − k_i)(m + n)`` more a round.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -20,7 +28,18 @@ from ..errors import check
 from ..methods import BuildContext, Method, first_line
 from ..server_opt import ServerOptimizer, ServerOptimizerKind
 from ..sketch import sketch_indices
-from ..state import clone, from_plain, init_factors, lora_scale, round_weights, scatter_add_, subtract, take, to_plain
+from ..state import (
+    clone,
+    fold_rest,
+    from_plain,
+    init_factors,
+    lora_scale,
+    round_weights,
+    scatter_add_,
+    subtract,
+    take,
+    to_plain,
+)
 from ..types import ClientSpec, ClientTask, ClientUpdate, Factors, LoRAState
 
 
@@ -35,8 +54,11 @@ class FSLoRA:
         seed: int,
         rslora: bool = False,
         server_optimizer: ServerOptimizer | None = None,
+        exact_start: bool = False,
     ) -> None:
         self.rank = global_rank
+        self.exact_start = exact_start
+        self.name = "fslora-u" if exact_start else "fslora"
         self.scale = lora_scale(alpha, global_rank, rslora)
         self.seed = seed
         self.factors: LoRAState = init_factors(shapes, global_rank, torch.Generator().manual_seed(seed))
@@ -50,8 +72,13 @@ class FSLoRA:
             k = min(c.budget, self.rank)
             idx = sketch_indices(self.seed, rnd, c.cid, self.rank, k)
             self._sent[c.cid] = idx
-            tasks[c.cid] = ClientTask(factors=take(self.factors, idx), scale=self.scale * self.rank / k,
-                                      config={"sketch_ratio": k / self.rank}, effect_scale=self.scale)
+            if self.exact_start:
+                tasks[c.cid] = ClientTask(factors=take(self.factors, idx), scale=self.scale,
+                                          base_delta=fold_rest(self.factors, idx, self.rank, self.scale),
+                                          config={"sketch_ratio": k / self.rank})
+            else:
+                tasks[c.cid] = ClientTask(factors=take(self.factors, idx), scale=self.scale * self.rank / k,
+                                          config={"sketch_ratio": k / self.rank}, effect_scale=self.scale)
         return tasks
 
     def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
@@ -78,7 +105,7 @@ class FSLoRA:
         """Add N(0, std²) to every global coordinate (DP noise on the round's mean increment;
         with a server learning rate the noise is scaled like the increment it rides on)."""
         if self.optimizer.kind != "sgd":
-            raise ValueError("DP noise needs [strategy.fslora] server_optimizer = 'sgd'")
+            raise ValueError(f"DP noise needs [strategy.{self.name}] server_optimizer = 'sgd'")
         for name in sorted(self.factors):
             f = self.factors[name]
             f.A.add_(torch.randn(f.A.shape, generator=generator, dtype=f.A.dtype), alpha=std * self.optimizer.lr)
@@ -102,20 +129,34 @@ class FSLoRASettings:
     # sgd with server_lr = 1 is plain averaging; adamw: torch.optim.AdamW defaults (the authors' server)
     server_optimizer: ServerOptimizerKind = "sgd"
     server_lr: float = 1.0
+    section: ClassVar[str] = "strategy.fslora"
 
     def validate(self) -> None:
-        check("strategy.fslora.server_lr", self.server_lr > 0, "must be positive")
+        check(f"{self.section}.server_lr", self.server_lr > 0, "must be positive")
 
 
-def _build(c: BuildContext) -> FSLoRA:
-    s: FSLoRASettings = c.settings
-    return FSLoRA(c.shapes, c.global_rank, c.alpha, c.seed, c.rslora,
-                  ServerOptimizer(s.server_optimizer, s.server_lr))
+@dataclass
+class FSLoRAUSettings(FSLoRASettings):
+    """``[strategy.fslora-u]``: the server's update of the global pair (same keys as fslora's)."""
+
+    section: ClassVar[str] = "strategy.fslora-u"
+
+
+def _builder(exact_start: bool) -> Callable[[BuildContext], FSLoRA]:
+    def build(c: BuildContext) -> FSLoRA:
+        s: FSLoRASettings = c.settings
+        return FSLoRA(c.shapes, c.global_rank, c.alpha, c.seed, c.rslora,
+                      ServerOptimizer(s.server_optimizer, s.server_lr), exact_start)
+    return build
 
 
 def _dp_blocker(s: FSLoRASettings) -> str | None:
-    return None if s.server_optimizer == "sgd" else "DP noise needs [strategy.fslora] server_optimizer = \"sgd\""
+    return None if s.server_optimizer == "sgd" else f"DP noise needs [{s.section}] server_optimizer = \"sgd\""
 
 
-METHOD = Method("fslora", _build, first_line(__doc__), settings=FSLoRASettings, dp_blocker=_dp_blocker,
+METHOD = Method("fslora", _builder(False), first_line(__doc__), settings=FSLoRASettings, dp_blocker=_dp_blocker,
                 one_pair=True)
+UNBIASED = Method("fslora-u", _builder(True),
+                  "FSLoRA from the exact global model: the sampled block at the global scale, the rest folded "
+                  "into the client's frozen weights (no sketch shrinkage)",
+                  settings=FSLoRAUSettings, dp_blocker=_dp_blocker, one_pair=True)

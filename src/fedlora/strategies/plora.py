@@ -17,7 +17,8 @@ the mean of their products.
 ``alpha / k_i`` would break the fold identity); one ``K_i`` for all layers (the draw equals
 FSLoRA's sketch of the same (seed, round, client, R, k_i)); examples weights renormalised
 over ``Q_j`` by default (the reviewers' bound uses ``1 / |Q_j|``: ``module_weights =
-"uniform"``); untrained modules kept; the standard LoRA init shared by all (``A``
+"uniform"``; ``"round"`` damps each module's mean by its coverage, see
+docs/rank_recovery.md); untrained modules kept; the standard LoRA init shared by all (``A``
 Kaiming-uniform, ``B = 0``); the fold as a frozen low-rank branch, not a dense add to ``W0``
 (same function, no private dense copy of the weights).
 """
@@ -35,11 +36,11 @@ from ..errors import check
 from ..methods import BuildContext, Method, first_line
 from ..seeding import torch_generator
 from ..sketch import sketch_indices
-from ..state import init_factors, lora_scale, round_weights, scatter_add_, take
+from ..state import fold_rest, init_factors, lora_scale, round_weights, scatter_add_, take
 from ..types import ClientSpec, ClientTask, ClientUpdate, Factors, LoRAState
 from .stores import OnePair
 
-ModuleWeights = Literal["examples", "uniform"]
+ModuleWeights = Literal["examples", "uniform", "round"]
 
 
 class FedPLoRA(OnePair):
@@ -50,6 +51,7 @@ class FedPLoRA(OnePair):
         self.rank, self.seed = global_rank, seed
         self.scale = lora_scale(alpha, global_rank, rslora)
         self.uniform = module_weights == "uniform"
+        self.damped = module_weights == "round"
         self.factors: LoRAState = init_factors(shapes, global_rank, torch_generator(seed, "plora-init"))
 
     def modules_of(self, rnd: int, cid: int, k: int) -> Tensor:
@@ -60,11 +62,8 @@ class FedPLoRA(OnePair):
         tasks: dict[int, ClientTask] = {}
         for c in clients:
             trained = self.modules_of(rnd, c.cid, min(c.budget, self.rank))
-            folded = torch.ones(self.rank, dtype=torch.bool)
-            folded[trained] = False
-            fold = take(self.factors, folded.nonzero().squeeze(1)) if folded.any() else {}
             tasks[c.cid] = ClientTask(factors=take(self.factors, trained), scale=self.scale,
-                                      base_delta={n: Factors(A=f.A, B=self.scale * f.B) for n, f in fold.items()})
+                                      base_delta=fold_rest(self.factors, trained, self.rank, self.scale))
         return tasks
 
     def aggregate(self, rnd: int, updates: Mapping[int, ClientUpdate]) -> dict[str, float]:
@@ -80,9 +79,13 @@ class FedPLoRA(OnePair):
             scatter_add_(total, updates[c].factors, idx, w)
             cover[idx] += w
         hit = cover > 0  # modules nobody trained are not written: bit-identical
+        # "round": the round's clients that did not train module j count as "no change" (weight
+        # p_i on the old value), i.e. the renormalised mean damped by the coverage Σ_{Q_j} p_i
+        keep = (1 - cover[hit]) if self.damped else torch.zeros(int(hit.sum()), dtype=torch.float64)
+        den = torch.ones_like(keep) if self.damped else cover[hit]
         for n, f in self.factors.items():
-            f.A[hit] = (total[n].A[hit] / cover[hit, None]).to(f.A.dtype)
-            f.B[:, hit] = (total[n].B[:, hit] / cover[hit]).to(f.B.dtype)
+            f.A[hit] = ((total[n].A[hit] + keep[:, None] * f.A[hit]) / den[:, None]).to(f.A.dtype)
+            f.B[:, hit] = ((total[n].B[:, hit] + keep * f.B[:, hit]) / den).to(f.B.dtype)
         return {"module_coverage": hit.double().mean().item()}
 
 
@@ -91,7 +94,10 @@ class FedPLoRA(OnePair):
 class PLoRASettings:
     """``[strategy.plora]``: the weights of each module's average over the clients that trained it."""
 
-    module_weights: ModuleWeights = "examples"  # p_i renormalised over Q_j, or 1 / |Q_j|
+    # p_i renormalised over Q_j; 1 / |Q_j|; or "round": p_i over all the round's clients, a client
+    # that did not train module j standing for its old value (the mean damped by its coverage:
+    # the same update as fslora-u, stable where the renormalised mean diverges)
+    module_weights: ModuleWeights = "examples"
 
     def validate(self) -> None:
         check("strategy.plora.module_weights", self.module_weights in get_args(ModuleWeights),

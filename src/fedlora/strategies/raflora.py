@@ -121,4 +121,12 @@ class RaFLoRA:
         self.svd = {n: SVD(d["U"].clone(), d["S"].clone(), d["Vh"].clone()) for n, d in sd["svd"].items()}
 
 
-METHOD = Method("raflora", lambda c: RaFLoRA(c.shapes, c.budgets, c.alpha, c.seed, c.rslora), first_line(__doc__))
+def unservable(built: Sequence[int], served: Sequence[int]) -> str | None:
+    """Budgets below the smallest rank level (the smallest budget built for) train no partition."""
+    low = sorted({b for b in served if b < min(built)})
+    return (f"raflora cannot serve budgets {low}: below its smallest rank level {min(built)} "
+            f"(its levels are the budgets it was built for, {sorted(set(built))})") if low else None
+
+
+METHOD = Method("raflora", lambda c: RaFLoRA(c.shapes, c.budgets, c.alpha, c.seed, c.rslora), first_line(__doc__),
+                budget_blocker=unservable)
