@@ -31,7 +31,11 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{cfg.data.num_clients} clients, {cfg.federation.rounds} rounds -> "
           f"{cfg.resolved_output_dir()}", file=sys.stderr)
     summary = run(cfg, simulate_round, overwrite=args.overwrite, progress=not args.quiet, resume=args.resume)
-    if summary["status"] != "finished":
+    if summary["status"] == "byte_budget_exhausted":  # a planned stop: the adapter is the last complete round's
+        print(f"fedlora: stopped after {summary['rounds_aggregated']} aggregated rounds: the next round would pass "
+              f"federation.max_total_bytes ({summary['bytes_used']:.4g} of {summary['max_total_bytes']} bytes used)",
+              file=sys.stderr)
+    elif summary["status"] != "finished":
         print(f"fedlora: error: no round was aggregated: in each of the {cfg.federation.rounds} rounds fewer than "
               f"reliability.min_clients={cfg.reliability.min_clients} client updates arrived valid (see "
               f"{summary['output_dir']}/metrics.jsonl); the adapter is the untrained start", file=sys.stderr)
@@ -89,6 +93,13 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import plan, profile_model, read_devices, write_budgets
 
+    if not args.devices:  # a config's expected traffic
+        from .plan_traffic import print_traffic
+
+        path, overrides = _split_config_and_overrides(args.items)
+        methods = _csv(args.methods) if args.methods else list(METHODS)
+        print_traffic(load_config(path or default_config_path(), overrides, methods=set(methods)), methods)
+        return 0
     devices = read_devices(Path(args.devices))
     if args.global_rank <= 0 or args.batch <= 0 or args.seq <= 0:
         raise ConfigError("--global-rank, --batch and --seq must be positive")
@@ -181,9 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
                  "From the model's real parameter sizes (built on the meta device) and a "
                  "TOML list of devices ([[device]] name, memory_gb, upload_mbps, round_seconds), print "
                  "each device's largest feasible LoRA rank and sketching ratio k/r, and optionally write "
-                 "a budgets file for budgets.file.", config=False, quiet=False,
-                 out=("", "write the budgets file here"))
-    p.add_argument("--devices", required=True, help="TOML file of [[device]] tables")
+                 "a budgets file for budgets.file. Without --devices: the bytes a config's run will move (down + "
+                 "up, every round, every client answering), for each method, against federation.max_total_bytes.",
+                 quiet=False, out=("", "write the budgets file here"))
+    p.add_argument("--devices", help="TOML file of [[device]] tables")
+    p.add_argument("--methods", default="", help="without --devices: comma-separated methods (default: all)")
     p.add_argument("--model", default="builtin:smollm2", help="model name or directory (default: %(default)s)")
     p.add_argument("--task", default="causal-lm", choices=typing.get_args(Task))
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,up_proj,down_proj",

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .config import RunConfig, read_toml
 from .errors import ConfigError
+from .models import resolve_targets
 from .outdir import changed_settings
 from .outputs import LABELS
 from .runner import SUMMARY, read_metrics, run
@@ -44,6 +45,7 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path,
     if not methods or not seeds:
         raise ConfigError("--methods and --seeds need at least one entry each")
     out.mkdir(parents=True, exist_ok=True)
+    cfg.model.targets = resolve_targets(cfg.model)  # as each run's config.toml records them
     for seed in seeds:
         for method in methods:
             d = run_dir(out, method, seed)

@@ -35,7 +35,7 @@ from .errors import ConfigError
 from .evaluate import answer_loss_metrics, choice_logprobs, choice_metrics, classification_metrics
 from .generation import generate, generation_metrics
 from .lora import LoRAModel
-from .models import load_model
+from .models import load_model, resolve_targets
 from .seeding import derive_seed, numpy_rng, torch_generator
 from .server import FederatedServer
 from .strategies import build_strategy, get_method
@@ -170,6 +170,7 @@ def build_experiment(cfg: RunConfig, dataset: Dataset | None = None, split: Spli
     ds = dataset if dataset is not None else subsample(load_dataset(cfg.data), cfg.data.max_examples, cfg.seed)
     loaded = load_model(cfg.model, len(ds.label_names), cfg.seed, device, cfg.train.precision)
     data = build_data(cfg, ds, loaded.tokenizer, split)
+    cfg.model.targets = resolve_targets(cfg.model, loaded.model)  # "auto" resolved once, as model.task is
     try:
         lm = LoRAModel(loaded.model, cfg.model.targets, head=loaded.head, dropout=cfg.model.dropout)
     except ValueError as e:

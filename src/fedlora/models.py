@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +14,13 @@ from torch.nn import functional as F
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .lora import linear_shape, matches
 from .resources import BUILTIN_MODELS, builtin_path
 
+log = logging.getLogger("fedlora.models")
 CACHE = Path.home() / ".cache" / "fedlora"
+# a linear layer anywhere below a module whose name says attention (the fallback of model.targets = "auto")
+ATTENTION = r"(?:.*\.)?[^.]*(?:attn|attention)[^.]*\..+"
 
 
 @dataclass
@@ -209,3 +214,48 @@ def load_model(cfg: ModelConfig, num_labels: int, seed: int, device: torch.devic
             raise ConfigError(f"model.gradient_checkpointing: {type(model).__name__} does not support it")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return LoadedModel(model=model, tokenizer=tokenizer, head=head)
+
+
+def meta_model(cfg: ModelConfig) -> nn.Module:
+    """The model ``cfg`` names, built from its config alone on the meta device (no weights are read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(cfg)
+    try:
+        config = AutoConfig.from_pretrained(path, **({"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}))
+    except OSError as e:
+        raise ConfigError(f"model.name: cannot read the config of {cfg.name!r}: {str(e).splitlines()[0]}") from None
+    auto = AutoModelForCausalLM if cfg.task == "causal-lm" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def auto_targets(model: nn.Module) -> tuple[list[str], str]:
+    """The usual LoRA targets of ``model``'s architecture and where they come from: PEFT's own
+    choice for the config's ``model_type`` where it has one, else every linear layer inside an
+    attention block (as suffixes when those name no other layer, else one ``re:`` pattern)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    if model_type in PEFT_TARGETS:
+        return list(PEFT_TARGETS[model_type]), f"PEFT's targets for model_type {model_type!r}"
+    linear = [n for n, m in model.named_modules() if linear_shape(m) is not None]
+    attention = {n for n in linear if matches(n, [f"re:{ATTENTION}"])}
+    if not attention:
+        raise ConfigError(f"model.targets: PEFT has no targets for model_type {model_type!r} and no attention "
+                          "projection was found; name the layers to adapt (model.targets = [...])")
+    why = f"every attention projection (PEFT has no targets for model_type {model_type!r})"
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in attention})
+    if all(matches(n, suffixes) == (n in attention) for n in linear):
+        return suffixes, why
+    return [f"re:{ATTENTION}"], why
+
+
+def resolve_targets(cfg: ModelConfig, model: nn.Module | None = None) -> list[str]:
+    """``model.targets`` as a list: the configured one, or for ``"auto"`` the architecture's usual
+    targets (of ``model``, else of a meta-device build of ``cfg``'s), said in one line."""
+    if cfg.targets != "auto":
+        return list(cfg.targets)
+    targets, why = auto_targets(model if model is not None else meta_model(cfg))
+    log.warning("model.targets = auto: %s (%s)", targets, why)
+    return targets

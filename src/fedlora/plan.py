@@ -74,24 +74,16 @@ def base_bytes(model: torch.nn.Module, cfg: ModelConfig, precision: str) -> int:
 
 def profile_model(cfg: ModelConfig, precision: str = "fp32") -> ModelProfile:
     """Sizes of the model ``cfg`` names, from its config alone (meta-device build)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
     from .lora import inject_lora
-    from .models import resolve_model_path
+    from .models import meta_model, resolve_targets
 
-    path = resolve_model_path(cfg)
-    try:
-        config = AutoConfig.from_pretrained(path, **({"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}))
-    except OSError as e:
-        raise ConfigError(f"--model: cannot read the config of {cfg.name!r}: {str(e).splitlines()[0]}") from None
-    auto = AutoModelForCausalLM if cfg.task == "causal-lm" else AutoModelForSequenceClassification
-    with torch.device("meta"):
-        model = auto.from_config(config)
+    model = meta_model(cfg)
+    config = model.config
     base = base_bytes(model, cfg, precision)
     try:
-        shapes = {n: m.shape for n, m in inject_lora(model, cfg.targets).items()}
+        shapes = {n: m.shape for n, m in inject_lora(model, resolve_targets(cfg, model)).items()}
     except ValueError as e:
-        raise ConfigError(f"--targets: {e}") from None
+        raise ConfigError(f"model.targets: {e}") from None
     get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None)), 0)  # noqa: E731
     hidden = get("hidden_size", "d_model", "n_embd")
     return ModelProfile(base_bytes=base, shapes=shapes, hidden=hidden,

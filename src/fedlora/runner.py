@@ -8,6 +8,7 @@ evaluation, metrics, checkpoints and the exported adapter are the same for both.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,13 +24,17 @@ from .device import gpu_peak_gib, reset_gpu_peak
 from .errors import ConfigError
 from .experiment import Experiment, build_experiment, evaluate_global
 from .export import save_peft_adapter
-from .models import resolve_model_path
+from .models import resolve_model_path, resolve_targets
 from .outdir import SUMMARY, check_resume, output_lock, prepare_output_dir
 from .outputs import progress_fields, summary, write_generations
 from .tracking import Trackers
+from .traffic import ByteBudget
+from .units import parse_bytes
 
 RoundFn = Callable[[Experiment, int], dict]
-FINISHED, NO_ROUND_AGGREGATED = "finished", "no_round_aggregated"  # summary.json's "status"
+# summary.json's "status"; BUDGET_EXHAUSTED: a planned stop before the round that would pass federation.max_total_bytes
+FINISHED, NO_ROUND_AGGREGATED, BUDGET_EXHAUSTED = "finished", "no_round_aggregated", "byte_budget_exhausted"
+log = logging.getLogger("fedlora.runner")
 
 
 def restore(exp: Experiment, out: Path) -> int:
@@ -112,6 +117,7 @@ def run(cfg: RunConfig, round_fn: RoundFn, overwrite: bool = False, progress: bo
 def _run(cfg: RunConfig, round_fn: RoundFn, out: Path, overwrite: bool, progress: bool, exp: Experiment | None,
          resume: bool) -> dict[str, float]:
     fresh = prepare_output_dir(out, overwrite, resume) == 0
+    cfg.model.targets = resolve_targets(cfg.model)  # "auto" -> the architecture's, so config.toml says what ran
     if not fresh:
         check_resume(cfg, out)
         (out / SUMMARY).unlink(missing_ok=True)  # a finished run given more rounds is unfinished again
@@ -132,15 +138,23 @@ def _run(cfg: RunConfig, round_fn: RoundFn, out: Path, overwrite: bool, progress
     rows = read_metrics(out)
     initial = eval_metrics(rows[0])
     last_eval = next(eval_metrics(r) for r in reversed(rows) if "eval_loss" in r)
+    limit = parse_bytes(fed.max_total_bytes)
+    budget = ByteBudget(limit, sum(r.get("bytes_down", 0.0) + r.get("bytes_up", 0.0) for r in rows)) if limit else None
+    exhausted = budget is not None and done < fed.rounds and not budget.allows(exp.server, done + 1)
     bar = tqdm(range(done + 1, fed.rounds + 1), desc=f"{cfg.strategy.name}", unit="round",
-               disable=not progress, dynamic_ncols=True, initial=done, total=fed.rounds)
-    for rnd in bar:
+               disable=not progress or exhausted, dynamic_ncols=True, initial=done, total=fed.rounds)
+    for rnd in bar if not exhausted else ():
         t0 = time.perf_counter()
         reset_gpu_peak(exp.lm.device)
         metrics = round_fn(exp, rnd)
-        if rnd % fed.eval_every == 0 or rnd == fed.rounds:
+        if budget is not None:  # the next round must fit in what is left, predicted from its tasks
+            budget.spend(metrics)
+            metrics["bytes_budget_share"] = budget.share
+            exhausted = rnd < fed.rounds and not budget.allows(exp.server, rnd + 1)
+        last = rnd == fed.rounds or exhausted
+        if rnd % fed.eval_every == 0 or last:
             samples = []
-            last_eval = evaluate_global(exp, samples if rnd == fed.rounds else None)
+            last_eval = evaluate_global(exp, samples if last else None)
             metrics.update({f"eval_{k}": v for k, v in last_eval.items()})
             write_generations(out, rnd, samples, first=False)
         if (peak := gpu_peak_gib(exp.lm.device)) is not None:
@@ -148,16 +162,27 @@ def _run(cfg: RunConfig, round_fn: RoundFn, out: Path, overwrite: bool, progress
         metrics["wall_time_s"] = time.perf_counter() - t0
         _append(out, {"round": rnd, **metrics})
         trackers.log({"round": rnd, **metrics})
-        if rel.checkpoint_every and (rnd % rel.checkpoint_every == 0 or rnd == fed.rounds):
+        if rel.checkpoint_every and (rnd % rel.checkpoint_every == 0 or last):
             save_checkpoint(out / "checkpoints", rnd, {"round": rnd, "server": exp.server.state_dict(),
                                                        "budgets": exp.budgets}, keep=rel.keep_checkpoints)
-        bar.set_postfix(loss=f"{metrics.get('train_loss', float('nan')):.3f}", **progress_fields(last_eval))
+        budget_field = {"bytes": f"{budget.share:.0%}"} if budget is not None else {}
+        bar.set_postfix(loss=f"{metrics.get('train_loss', float('nan')):.3f}", **budget_field,
+                        **progress_fields(last_eval))
+        if exhausted:
+            break
+    if exhausted:
+        log.warning("federation.max_total_bytes: stopped after round %d of %d: the next round would pass the "
+                    "budget (%.0f of %d bytes used, %.1f%%)", read_metrics(out)[-1]["round"], fed.rounds,
+                    budget.used, budget.limit, 100 * budget.share)
     trackers.close()
     save_peft_adapter(exp.server.global_task(), out / "adapter", resolve_model_path(cfg.model), cfg.strategy.alpha,
                       exp.lm.fan_in_fan_out, peft_task_type(cfg.model.task, exp.lm.model))
     result = summary(exp, initial, last_eval, time.perf_counter() - start, out)
     aggregated = sum(r["round"] > 0 and not r.get("skipped") for r in read_metrics(out))
-    result.update(status=FINISHED if aggregated else NO_ROUND_AGGREGATED, rounds_aggregated=aggregated)
+    status = BUDGET_EXHAUSTED if exhausted else FINISHED if aggregated else NO_ROUND_AGGREGATED
+    result.update(status=status, rounds_aggregated=aggregated)
+    if budget is not None:
+        result.update(bytes_used=budget.used, max_total_bytes=budget.limit)
     write_atomic(out / SUMMARY, json.dumps(result, indent=1) + "\n")
     return result
 

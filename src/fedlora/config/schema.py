@@ -16,6 +16,7 @@ from ..device import Precision, check_device_name
 from ..errors import check
 from ..resources import installed
 from ..strategies import METHODS, get_method
+from ..units import parse_bytes
 from .guards import PrivacyConfig, ReliabilityConfig
 
 Distribution = Literal["uniform", "normal", "heavy-tail-low", "heavy-tail-high"]
@@ -32,7 +33,9 @@ class ModelConfig:
     name: str = "builtin:minilm"
     # auto: classification for data.format = "classification", else causal-lm (the generative formats)
     task: Literal["auto", "classification", "causal-lm"] = "auto"
-    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    # module-name suffixes (or "re:<regex>"); "auto": the architecture's usual ones (PEFT's mapping from
+    # model_type, else every attention projection), resolved when the run starts and written to config.toml
+    targets: list[str] | Literal["auto"] = "auto"
     dropout: float = 0.0
     max_length: int = 64
     gguf_file: str = ""  # for GGUF checkpoints (transformers' gguf_file=)
@@ -51,7 +54,7 @@ class ModelConfig:
     init_adapter: str = ""  # a PEFT adapter directory: the starting global pair (methods with one global pair)
 
     def validate(self) -> None:
-        check("model.targets", bool(self.targets), "must list at least one module name")
+        check("model.targets", bool(self.targets), 'must list at least one module name (or be "auto")')
         check("model.dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
         check("model.max_length", self.max_length > 0, "must be positive")
 
@@ -178,8 +181,12 @@ class FederationConfig:
     clients_per_round: int = 0  # if > 0, overrides `fraction`
     eval_every: int = 1  # evaluate the global model every N rounds (and after the last)
     eval_batch_size: int = 64
+    # bytes down + up the run may move (0: no limit): an int, or "200GB" (10^9) / "200000MiB" (2^20);
+    # the run stops cleanly before a round that would pass it
+    max_total_bytes: int | str = 0
 
     def validate(self) -> None:
+        parse_bytes(self.max_total_bytes)
         check("federation.rounds", self.rounds > 0, "must be positive")
         check("federation.fraction", 0 < self.fraction <= 1, "must be in (0, 1]")
         check("federation.clients_per_round", self.clients_per_round >= 0, "must be >= 0")
