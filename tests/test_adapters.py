@@ -152,7 +152,8 @@ def test_init_adapter_refusals_are_one_line(trained, tiny_chat_llama_dir, tmp_pa
                                           r"global pair \(4\)"):
         start(strategy__global_rank=4, budgets__ranks="[2, 4]")
     with pytest.raises(ConfigError, match=r"model.init_adapter: flexlora keeps no single global pair to start from "
-                                          r"\(methods that can: fslora, hetlora, fedit, ffa, fullrank, plora, fedex, fslora-u\)"):
+                                          r"\(methods that can: fslora, hetlora, fedit, ffa, fullrank, plora, fedex, "
+                                          r"fslora-u\)"):
         start(strategy__name='"flexlora"')
     with pytest.raises(ConfigError, match=r"model.init_adapter: .* has no LoRA pair for model.layers.0.self_attn.k_pr"):
         start(model__targets='["q_proj", "k_proj", "v_proj", "down_proj"]')

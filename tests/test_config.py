@@ -61,3 +61,12 @@ def test_missing_and_invalid_files(tmp_path):
 def test_malformed_privacy_and_reliability_configs_fail_at_load(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_the_default_jobs_auto_partition_is_label_skewed_for_labels_and_iid_for_instructions():
+    """Changing the default job's data format alone must not leave a split by classes that the data lacks."""
+    assert load_config(default_config_path()).data.partition == "dirichlet-balanced"
+    cfg = load_config(default_config_path(), ['data.format="instruction"'])
+    assert cfg.data.partition == "iid"
+    assert load_config(default_config_path(), ['data.format="instruction"', 'data.partition="group"']
+                       ).data.partition == "group"  # an explicit split still wins

@@ -77,8 +77,9 @@ class DataConfig:
     label_column: str = "sentiment"
     num_clients: int = 10
     # iid | dirichlet (each class split by Dirichlet shares: skewed labels AND sizes) |
-    # dirichlet-balanced (equal sizes, label mix ~ Dirichlet per client) | group
-    partition: Literal["iid", "dirichlet", "dirichlet-balanced", "group"] = "dirichlet"
+    # dirichlet-balanced (equal sizes, label mix ~ Dirichlet per client) | group |
+    # auto (dirichlet-balanced for labelled data, iid for instruction/chat data, which has no classes)
+    partition: Literal["auto", "iid", "dirichlet", "dirichlet-balanced", "group"] = "dirichlet"
     alpha: float = 0.1  # Dirichlet concentration (smaller = more skewed)
     group_column: str = ""  # partition="group": one group per client (default: the label)
     test_size: int = 600
@@ -242,6 +243,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.model.task == "auto":  # resolved once, so config.toml says what ran
             self.model.task = "classification" if self.data.format == "classification" else "causal-lm"
+        if self.data.partition == "auto":  # the same: config.toml names the split that ran
+            self.data.partition = "dirichlet-balanced" if self.data.format == "classification" else "iid"
 
     def validate(self, methods: set[str] | None = None) -> None:
         """Every table's own checks, then the rules that span tables. ``methods``: see
