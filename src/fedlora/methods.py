@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from .errors import ConfigError
 from .types import Strategy
@@ -28,6 +28,9 @@ class BuildContext:
     alpha: float
     rslora: bool = False
     settings: Any = None
+
+
+Averaged = Literal["factors", "product"]
 
 
 def _no_dp(settings: Any) -> str:
@@ -60,6 +63,11 @@ class Method:
         one_pair: the global adapter is one LoRA pair, the strategy's ``factors`` at its
             ``scale`` (nothing else until the first round), so training can start from an
             existing adapter (``model.init_adapter``).
+        averages: what the server averages, and so what the server must bound per client
+            (:mod:`fedlora.clipping`): ``"product"`` (each client's ``s B' A'``, exactly) or
+            ``"factors"`` (``A`` and ``B`` separately, where a change that leaves the client's
+            own product alone can still move the global one). ``"factors"`` is the safe
+            default: its measure is never smaller than the product's.
     """
 
     name: str
@@ -70,6 +78,7 @@ class Method:
     respects_budgets: bool = True
     exact: Callable[[Any], bool] = _inexact
     one_pair: bool = False
+    averages: Averaged = "factors"
 
     def default_settings(self) -> Any:
         return self.settings() if self.settings is not None else None
@@ -84,6 +93,13 @@ def register(method: Method) -> Method:
         raise ValueError(f"a method named {method.name!r} is already registered")
     METHODS[method.name] = method
     return method
+
+
+def averages(strategy: Strategy) -> Averaged:
+    """What ``strategy``'s server averages (its registry record's ``averages``; ``"factors"``,
+    the stricter bound, for a strategy built outside the registry)."""
+    method = METHODS.get(strategy.name)
+    return method.averages if method is not None else "factors"
 
 
 def get_method(name: str, key: str = "strategy.name") -> Method:

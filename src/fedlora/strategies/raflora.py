@@ -121,4 +121,5 @@ class RaFLoRA:
         self.svd = {n: SVD(d["U"].clone(), d["S"].clone(), d["Vh"].clone()) for n, d in sd["svd"].items()}
 
 
-METHOD = Method("raflora", lambda c: RaFLoRA(c.shapes, c.budgets, c.alpha, c.seed, c.rslora), first_line(__doc__))
+METHOD = Method("raflora", lambda c: RaFLoRA(c.shapes, c.budgets, c.alpha, c.seed, c.rslora), first_line(__doc__),
+                averages="product")
