@@ -111,3 +111,60 @@ def test_clip_norm_takes_a_number_or_auto():
     assert load_config(None, ["privacy.clip_norm=2"]).privacy.clip_norm == 2.0
     with pytest.raises(ConfigError, match="privacy.clip_norm: expected float, got 'often' or must be one of auto"):
         load_config(None, ['privacy.clip_norm="often"'])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_factor_norm_is_the_increments_at_the_global_scale_times_the_pairs_norm(seed):
+    from fedlora.clipping import effect_norm, factor_norm
+    from fedlora.strategies.fslora import FSLoRA
+    from fedlora.types import ClientSpec
+
+    g = torch.Generator().manual_seed(seed)
+    strat = FSLoRA({"q": (12, 10), "v": (9, 10)}, global_rank=8, alpha=8.0, seed=seed)
+    for f in strat.factors.values():
+        f.B.copy_(torch.randn(f.B.shape, generator=g))
+    task = strat.configure(1, [ClientSpec(0, 2, 5)])[0]  # trains at 4 s; its increments move the global at s
+    task.head = {"h": torch.zeros(3)}
+    up = ClientUpdate(factors={n: Factors(A=f.A + torch.randn(f.A.shape, generator=g),
+                                          B=f.B + torch.randn(f.B.shape, generator=g))
+                               for n, f in task.factors.items()}, num_examples=5, head={"h": torch.ones(3)})
+    ref = 3.0  # the head's increment, squared
+    for n, f in task.factors.items():
+        gn = max(torch.linalg.norm(f.A.double()), torch.linalg.norm(f.B.double()))
+        inc = torch.cat([(up.factors[n].A.double() - f.A.double()).flatten(),
+                         (up.factors[n].B.double() - f.B.double()).flatten()])
+        ref += float(strat.scale * gn * torch.linalg.norm(inc)) ** 2
+    assert factor_norm(task, up) == pytest.approx(math.sqrt(ref), rel=1e-9)
+    assert effect_norm(task, up) == max(factor_norm(task, up), update_norm(task, up))
+    C = effect_norm(task, up) / 5
+    clipped, _ = clip_update(task, up, C, factors=True)
+    assert C * 0.999 <= effect_norm(task, clipped) <= C * (1 + 1e-6)
+
+
+def test_a_product_neutral_pair_measures_zero_on_the_product_but_not_on_the_factors():
+    from fedlora.clipping import effect_norm
+
+    g = torch.Generator().manual_seed(1)
+    sent = Factors(A=torch.randn(3, 7, generator=g, dtype=torch.float64), B=torch.zeros(6, 3, dtype=torch.float64))
+    task = ClientTask(factors={"m": sent}, scale=2.0)
+    neutral = ClientUpdate(factors={"m": Factors(A=torch.zeros(3, 7, dtype=torch.float64),
+                                                 B=torch.full((6, 3), 1e3, dtype=torch.float64))}, num_examples=5)
+    assert update_norm(task, neutral) == 0.0  # B'A' = 0 = BA
+    assert effect_norm(task, neutral) > 1e3
+
+
+def test_adaptive_clip_starts_at_the_first_rounds_median():
+    from fedlora.clipping import AdaptiveClip
+
+    clip = AdaptiveClip(bound=0.0, quantile=0.5, lr=0.2)
+    assert clip.bound_for([3.0, 1e9, 2.0, 5.0, 4.0]) == 4.0  # one wild norm does not set it
+    clip.step([3.0, 1e9, 2.0, 5.0, 4.0])  # 3 of 5 at or under: the bound shrinks
+    assert clip.bound_for([100.0]) == pytest.approx(4.0 * math.exp(-0.2 * (0.6 - 0.5)))
+
+
+def test_each_method_declares_what_its_server_averages():
+    from fedlora.strategies import METHODS
+
+    product = {"flexlora", "flora", "florist", "raflora", "fedex"}
+    assert {n for n, m in METHODS.items() if m.averages == "product"} == product
+    assert all(METHODS[n].averages == "factors" for n in ("fslora", "fedit", "hetlora", "fullrank", "plora", "ffa"))

@@ -6,9 +6,16 @@ sent factors), ``s`` the scale at which its factors act on the global model
 ``s``). The Frobenius norm comes from two small Gram matrices, never from the ``m × n``
 matrix: with ``P = [B', -B]`` and ``Q = [A'; A]``, ``||P Q||² = sum((PᵀP) ∘ (Q Qᵀ))``.
 
-Robust aggregation on request: a fixed clip, an adaptive one that tracks a quantile of the
-updates' norms (Andrew et al., 2021, as TensorFlow Federated's robust aggregator does),
-and zeroing of updates whose norm is far above the round's median.
+Methods that average the factors separately (FSLoRA, FedIT, HetLoRA, ...) are bounded on
+the factors too: ``mean(B') mean(A')`` is not ``mean(B' A')``, so a pair whose own product
+does not move (round 1: ``A' = 0``, any ``B'``) can still drag the averaged ``B`` anywhere.
+Their measure is ``max(||D||, s g ||(ΔA, ΔB)||_F)``, ``g = max(||A||_2, ||B||_2)`` of the
+sent pair: the factor increments in the units of ``ΔW`` (``s ||B ΔA + ΔB A|| <= √2 s g
+||(ΔA, ΔB)||``), so one clip bounds both (docs/algorithms.md, "What one client can do").
+
+Robust aggregation (on by default): an adaptive clip that tracks a quantile of the
+measures (Andrew et al., 2021, as TensorFlow Federated's robust aggregator does), started
+at the first round's median, and zeroing of updates far above the round's median.
 """
 
 from __future__ import annotations
@@ -53,33 +60,80 @@ def head_change_sq(task: ClientTask, update: ClientUpdate) -> float:
     return sum(float(((update.head[k] - t).double() ** 2).sum()) for k, t in task.head.items())
 
 
+def _towards(sent: torch.Tensor, trained: torch.Tensor, c: float) -> torch.Tensor:
+    """``sent + c (trained - sent)`` in float64 (a 1e38 increment stays finite), in ``trained``'s dtype."""
+    return (sent.double() + c * (trained.double() - sent.double())).to(trained.dtype)
+
+
+def factor_norm(task: ClientTask, update: ClientUpdate) -> float:
+    """``sqrt(Σ_layers (s g ||(ΔA, ΔB)||_F)² + ||Δhead||²)``: the factor increments at the scale at
+    which they move the global pair, ``g = max(||A||_F, ||B||_F)`` of the sent pair (1 for a zero pair; the
+    Frobenius norm bounds the spectral one and costs no eigen-solve)."""
+    scale, total = effect_scale(task), head_change_sq(task, update)
+    for n, f in task.factors.items():
+        u = update.factors[n]
+        g = max(float(torch.linalg.norm(f.A.double())), float(torch.linalg.norm(f.B.double()))) or 1.0
+        inc = float(((u.A.double() - f.A.double()) ** 2).sum() + ((u.B.double() - f.B.double()) ** 2).sum())
+        total += (scale * g) ** 2 * inc
+    return math.sqrt(total)
+
+
+def effect_norm(task: ClientTask, update: ClientUpdate) -> float:
+    """The measure of a factor-averaging method: the larger of the product change and :func:`factor_norm`."""
+    return max(update_norm(task, update), factor_norm(task, update))
+
+
 def shrink(task: ClientTask, update: ClientUpdate, c: float) -> ClientUpdate:
     """The update whose factor and head increments are ``c`` times the client's."""
-    factors = {n: Factors(A=s.A + c * (update.factors[n].A - s.A), B=s.B + c * (update.factors[n].B - s.B))
+    factors = {n: Factors(A=_towards(s.A, update.factors[n].A, c), B=_towards(s.B, update.factors[n].B, c))
                for n, s in task.factors.items()}
-    head = {k: t + c * (update.head[k] - t) for k, t in task.head.items()}
+    head = {k: _towards(t, update.head[k], c) for k, t in task.head.items()}
     return ClientUpdate(factors=factors, num_examples=update.num_examples, head=head,
                         metrics=dict(update.metrics), fingerprint=update.fingerprint,
                         freeze_A=update.freeze_A)
 
 
-def clip_update(task: ClientTask, update: ClientUpdate, max_norm: float, norm: float | None = None,
-                iters: int = 60) -> tuple[ClientUpdate, float]:
-    """Shrink the update so that its ``ΔW`` norm is at most ``max_norm``; return (update, norm).
+def change_poly(task: ClientTask, update: ClientUpdate) -> tuple[float, float, float]:
+    """``(a2, a3, a4)`` with ``update_norm(shrink(c))² = a2 c² + 2 a3 c³ + a4 c⁴``, from ``r × r`` Grams.
 
-    ``ΔW`` is quadratic in the factor increments, so the shrink factor is found by
-    bisection on ``[0, 1]``; the lower end always satisfies the bound (``c = 0`` is no
-    change), so the result never exceeds it. ``norm``: the update's norm, if known.
+    Per layer ``s(B'A' - BA) = c X + c² Y`` with ``X = s(ΔB A + B ΔA)``, ``Y = s ΔB ΔA``; the
+    head's increment adds ``c² ||Δhead||²``. One pass, so a clip needs no re-measuring.
     """
-    norm = update_norm(task, update) if norm is None else norm
+    scale = effect_scale(task)
+    a2, a3, a4 = head_change_sq(task, update), 0.0, 0.0
+    for n, f in task.factors.items():
+        A, B = f.A.double(), f.B.double()
+        dA, dB = update.factors[n].A.double() - A, update.factors[n].B.double() - B
+        P, Q = torch.cat([dB, B], 1), torch.cat([A, dA], 0)  # X = s P Q
+        a2 += scale**2 * product_norm_sq(P, Q)
+        a3 += scale**2 * float(((P.T @ dB) * (Q @ dA.T)).sum())
+        a4 += scale**2 * product_norm_sq(dB, dA)
+    return a2, a3, a4
+
+
+def clip_update(task: ClientTask, update: ClientUpdate, max_norm: float, norm: float | None = None,
+                iters: int = 60, factors: bool = False) -> tuple[ClientUpdate, float]:
+    """Shrink the update so that its measure (the ``ΔW`` norm, or with ``factors`` :func:`effect_norm`)
+    is at most ``max_norm``; return (update, norm before).
+
+    The factor term is linear in the shrink factor ``c``, the ``ΔW`` norm a quartic in ``c``
+    (:func:`change_poly`), so ``c`` is found by bisection on that polynomial; the lower end
+    always satisfies the bound (``c = 0`` is no change), so the result never exceeds it.
+    """
+    norm = (effect_norm if factors else update_norm)(task, update) if norm is None else norm
     if norm <= max_norm:
         return update, norm
-    lo, hi = 0.0, min(1.0, max_norm / norm * 2)
-    while update_norm(task, shrink(task, update, hi)) <= max_norm and hi < 1.0:
-        lo, hi = hi, min(1.0, hi * 2)
+    a2, a3, a4 = change_poly(task, update)
+
+    def fits(c: float) -> bool:
+        return a2 * c * c + 2 * a3 * c**3 + a4 * c**4 <= max_norm**2
+
+    lo, hi = 0.0, min(1.0, max_norm / factor_norm(task, update)) if factors else 1.0
+    if fits(hi):
+        return shrink(task, update, hi), norm
     for _ in range(iters):
         mid = (lo + hi) / 2
-        if update_norm(task, shrink(task, update, mid)) <= max_norm:
+        if fits(mid):
             lo = mid
         else:
             hi = mid
@@ -103,11 +157,18 @@ def clip_increment(task: ClientTask, update: ClientUpdate, max_norm: float) -> C
 @dataclass
 class AdaptiveClip:
     """A clip bound that follows the ``quantile`` of the updates' norms: after each round,
-    ``bound *= exp(-lr * (share of updates at or under the bound - quantile))``."""
+    ``bound *= exp(-lr * (share of updates at or under the bound - quantile))``.
+    ``bound = 0``: not set yet; the first round's median sets it (no unit to guess)."""
 
-    bound: float = 1.0
+    bound: float = 0.0
     quantile: float = 0.5
     lr: float = 0.2
+
+    def bound_for(self, norms: Sequence[float]) -> float:
+        """This round's bound (the first round's median norm when none is set)."""
+        if self.bound <= 0 and norms:
+            self.bound = statistics.median(norms) or 0.0
+        return self.bound
 
     def step(self, norms: Sequence[float]) -> None:
         if norms:
@@ -116,10 +177,14 @@ class AdaptiveClip:
 
 
 def bound_updates(tasks: Mapping[int, ClientTask], updates: Mapping[int, ClientUpdate], clip_norm: float,
-                  outlier_factor: float) -> tuple[dict[int, ClientUpdate], dict[int, float], dict[str, float]]:
-    """Zero the outliers (norm above ``outlier_factor`` x the round's median; needs 3 updates),
-    then clip the rest to ``clip_norm`` (0: no clip). Returns (updates, each norm before, metrics)."""
-    norms = {c: update_norm(tasks[c], u) for c, u in updates.items()}
+                  outlier_factor: float, factors: bool = False, norms: Mapping[int, float] | None = None,
+                  ) -> tuple[dict[int, ClientUpdate], dict[int, float], dict[str, float]]:
+    """Zero the outliers (measure above ``outlier_factor`` x the round's median; needs 3
+    updates), then clip the rest to ``clip_norm`` (0: no clip). The measure is the ``ΔW`` norm,
+    or with ``factors`` :func:`effect_norm`. Returns (updates, each norm before, metrics).
+    ``norms``: each update's measure, if already known."""
+    measure = effect_norm if factors else update_norm
+    norms = dict(norms) if norms is not None else {c: measure(tasks[c], u) for c, u in updates.items()}
     out, metrics, zeroed = dict(updates), {}, set()
     if outlier_factor > 0 and len(norms) >= 3:
         limit = outlier_factor * statistics.median(norms.values())
@@ -128,6 +193,6 @@ def bound_updates(tasks: Mapping[int, ClientTask], updates: Mapping[int, ClientU
         metrics["zeroed"] = float(len(zeroed))
     if clip_norm > 0:
         kept = [c for c in out if c not in zeroed]
-        out.update({c: clip_update(tasks[c], out[c], clip_norm, norms[c])[0] for c in kept})
+        out.update({c: clip_update(tasks[c], out[c], clip_norm, norms[c], factors=factors)[0] for c in kept})
         metrics["clipped"] = float(sum(norms[c] > clip_norm for c in kept))
     return out, norms, metrics

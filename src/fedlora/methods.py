@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from .errors import ConfigError
 from .types import Strategy
@@ -28,6 +28,9 @@ class BuildContext:
     alpha: float
     rslora: bool = False
     settings: Any = None
+
+
+Averaged = Literal["factors", "product"]
 
 
 def _no_dp(settings: Any) -> str:
@@ -67,6 +70,11 @@ class Method:
         budget_blocker: (budgets the strategy is built for, budgets it must serve) -> None when
             it can serve every one, else a one-line reason (raFLoRA: a budget below its smallest
             rank level); checked where both are known, before any round.
+        averages: what the server averages, and so what the server must bound per client
+            (:mod:`fedlora.clipping`): ``"product"`` (each client's ``s B' A'``, exactly) or
+            ``"factors"`` (``A`` and ``B`` separately, where a change that leaves the client's
+            own product alone can still move the global one). ``"factors"`` is the safe
+            default: its measure is never smaller than the product's.
     """
 
     name: str
@@ -78,6 +86,7 @@ class Method:
     exact: Callable[[Any], bool] = _inexact
     one_pair: bool = False
     budget_blocker: Callable[[Sequence[int], Sequence[int]], str | None] = _any_budget
+    averages: Averaged = "factors"
 
     def default_settings(self) -> Any:
         return self.settings() if self.settings is not None else None
@@ -92,6 +101,13 @@ def register(method: Method) -> Method:
         raise ValueError(f"a method named {method.name!r} is already registered")
     METHODS[method.name] = method
     return method
+
+
+def averages(strategy: Strategy) -> Averaged:
+    """What ``strategy``'s server averages (its registry record's ``averages``; ``"factors"``,
+    the stricter bound, for a strategy built outside the registry)."""
+    method = METHODS.get(strategy.name)
+    return method.averages if method is not None else "factors"
 
 
 def get_method(name: str, key: str = "strategy.name") -> Method:

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .clipping import AdaptiveClip, bound_updates
+from .clipping import AdaptiveClip, bound_updates, effect_norm, update_norm
 from .config import PrivacyConfig
 from .diagnostics import round_diagnostics, sample_modules
+from .methods import averages
 from .privacy import DPMechanism
 from .seeding import numpy_rng
 from .state import example_weights, weighted_sum_tensors
@@ -25,6 +26,11 @@ from .types import ClientSpec, ClientTask, ClientUpdate, Strategy, payload_nbyte
 from .validate import decode_updates, screen_updates
 
 log = logging.getLogger("fedlora.server")
+
+# Under DP, metrics.jsonl holds only these (public: counts and bytes of the round's traffic,
+# and the privacy spent) besides the evaluation on the server's own data: a client-derived
+# value (train_loss, fidelity, clip norms, a strategy's coverage) would be released un-noised.
+DP_RELEASED = frozenset({"clients", "bytes_down", "bytes_up", "rejected", "dropped", "skipped", "dp_epsilon"})
 
 
 def sample_clients(num_clients: int, per_round: int, seed: int, rnd: int) -> list[int]:
@@ -57,6 +63,8 @@ class FederatedServer:
         self.per_round = per_round or len(self.budgets)
         self.weighting = weighting  # "examples" (p_i ∝ n_i) or "uniform" (p_i = 1/N)
         self.adaptive = AdaptiveClip(p.clip_init, p.clip_quantile, p.clip_lr) if p.clip_norm == "auto" else None
+        self.factors = averages(strategy) == "factors"  # bound the quantity the method averages
+        self.measure = effect_norm if self.factors else update_norm
         self.dp = DPMechanism(p, len(self.budgets), self.per_round, seed) if p.noise_multiplier > 0 else None
 
     def sample(self, rnd: int) -> list[int]:
@@ -119,13 +127,13 @@ class FederatedServer:
         weights = example_weights([valid[c].num_examples for c in cids])
         if self.head:
             self.head = weighted_sum_tensors([valid[c].head for c in cids], weights)
-        losses = [valid[c].metrics.get("train_loss", float("nan")) for c in cids]
-        metrics["train_loss"] = float(sum(w * x for w, x in zip(weights, losses)))
         metrics.update(self.strategy.aggregate(rnd, valid))
         if self.dp is not None:  # the strategy can take it: checked when the config loads
             self.dp.add_noise(self.strategy, self.head, rnd)
             metrics["dp_epsilon"] = self.dp.epsilon()
-        # measured on the global the round really produced (DP noise included)
+            return {k: v for k, v in metrics.items() if k in DP_RELEASED}
+        losses = [valid[c].metrics.get("train_loss", float("nan")) for c in cids]
+        metrics["train_loss"] = float(sum(w * x for w, x in zip(weights, losses)))
         glob = self.strategy.global_task()
         metrics.update(round_diagnostics(tasks, valid, glob, sample_modules(list(glob.factors), self.seed)))
         return metrics
@@ -133,9 +141,10 @@ class FederatedServer:
     def _bound_and_weigh(self, tasks: Mapping[int, ClientTask], valid: dict[int, ClientUpdate],
                          metrics: dict[str, float]) -> dict[int, ClientUpdate]:
         p = self.privacy
-        clip = self.adaptive.bound if self.adaptive else p.clip_norm
-        if clip or p.outlier_factor:
-            valid, norms, bounded = bound_updates(tasks, valid, clip, p.outlier_factor)
+        if self.adaptive or p.clip_norm or p.outlier_factor:
+            norms = {c: self.measure(tasks[c], u) for c, u in valid.items()}
+            clip = self.adaptive.bound_for(list(norms.values())) if self.adaptive else float(p.clip_norm)
+            valid, norms, bounded = bound_updates(tasks, valid, clip, p.outlier_factor, self.factors, norms)
             metrics.update(bounded)
             if self.adaptive:
                 metrics["clip_norm"] = clip

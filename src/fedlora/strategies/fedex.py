@@ -71,4 +71,4 @@ class FedExLoRA:
 
 
 METHOD = Method("fedex", lambda c: FedExLoRA(c.shapes, c.budgets, c.alpha, c.seed, c.rslora), first_line(__doc__),
-                exact=always, one_pair=True)  # the delta starts empty
+                exact=always, one_pair=True, averages="product")  # the delta starts empty

@@ -86,4 +86,5 @@ class FlexLoRASettings:
 
 
 METHOD = Method("flexlora", lambda c: FlexLoRA(c.shapes, c.alpha, c.seed, c.rslora, c.settings.sigma_split),
-                first_line(__doc__), settings=FlexLoRASettings, exact=always)  # the SVD is kept whole
+                first_line(__doc__), settings=FlexLoRASettings, exact=always,
+                averages="product")  # the SVD is kept whole

@@ -42,4 +42,5 @@ class FLoRA(MergedBase):
 
 
 
-METHOD = Method("flora", lambda c: FLoRA(c.shapes, c.alpha, c.seed, c.rslora), first_line(__doc__), exact=always)
+METHOD = Method("flora", lambda c: FLoRA(c.shapes, c.alpha, c.seed, c.rslora), first_line(__doc__), exact=always,
+                averages="product")

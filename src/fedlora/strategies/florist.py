@@ -74,4 +74,4 @@ def _build(c: BuildContext) -> FLoRIST:
 
 
 METHOD = Method("florist", _build, first_line(__doc__), settings=FLoRISTSettings,
-                exact=lambda s: s.energy >= 1.0)  # at full energy the merge is the exact sum
+                exact=lambda s: s.energy >= 1.0, averages="product")  # at full energy the merge is the exact sum

@@ -129,4 +129,4 @@ def unservable(built: Sequence[int], served: Sequence[int]) -> str | None:
 
 
 METHOD = Method("raflora", lambda c: RaFLoRA(c.shapes, c.budgets, c.alpha, c.seed, c.rslora), first_line(__doc__),
-                budget_blocker=unservable)
+                budget_blocker=unservable, averages="product")
