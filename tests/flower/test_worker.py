@@ -242,17 +242,19 @@ def test_the_token_cache_reads_its_entry_and_a_changed_file_misses(tmp_path):
 
 @pytest.mark.parametrize("argv, says", [
     (["--superlink", "nohost", "--data", "{data}", "--insecure"], "--superlink: expected HOST:PORT"),
-    (["--superlink", "h:1", "--insecure"], "--data: say which data"),
-    (["--superlink", "h:1", "--data", "/nonexistent.csv", "--insecure"], "--data: file not found"),
-    (["--superlink", "h:1", "--data", "{data}"], "--root-certificates: give the SuperLink's CA"),
-    (["--superlink", "h:1", "--data", "{data}", "--insecure", "--auth-key", "{data}"], "--auth-key: SuperNode auth"),
-    (["--superlink", "h:1", "--data", "{data}", "--insecure", "--budget", "0"], "--budget: a LoRA rank"),
+    (["--superlink", "h:1", "--data", "{data}", "--insecure"], "--partition-id: say which client slot"),
+    (["--superlink", "h:1", "-p", "0", "--data", "/nonexistent.csv", "--insecure"], "--data: file not found"),
+    (["--superlink", "h:1", "-p", "0", "--data", "{data}"], "--root-certificates: give the SuperLink's CA"),
+    (["--superlink", "h:1", "-p", "0", "--data", "{data}", "--insecure", "--auth-key", "{data}"],
+     "--auth-key: SuperNode auth"),
+    (["--superlink", "h:1", "-p", "0", "--data", "{data}", "--insecure", "--budget", "0"], "--budget: a LoRA rank"),
 ])
 def test_fedlora_node_refuses_a_bad_command_line_in_one_line(tmp_path, capsys, argv, says):
     from fedlora.cli import main
 
     data = tmp_path / "d.csv"
     data.write_text("text,label\na,0\n")
+    argv = [{"-p": "--partition-id"}.get(a, a) for a in argv]
     assert main(["node", *[a.format(data=data) for a in argv]]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and says in err, err

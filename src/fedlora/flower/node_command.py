@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "accepts); it never leaves the node")
     p.add_argument("--eval-data", default="", metavar="PATH", help="this node's held-out data (optional)")
     p.add_argument("--partition-id", type=int, default=None, metavar="N",
-                   help="shared-data mode: the client of the run's own split this node trains (trials, benchmarks)")
+                   help="this node's client slot in the run (0..data.num_clients-1, as the coordinator assigns it; "
+                   "without --data: the client of the run's own split it trains, for trials and benchmarks)")
     p.add_argument("--budget", type=int, default=None, metavar="RANK", help="the LoRA rank this node can afford")
     p.add_argument("--device", default="", help="where the worker trains: cpu, cuda, cuda:N, mps "
                    "(default: the run's train.device)")
@@ -80,8 +81,9 @@ def check_spec(spec: NodeSpec) -> None:
     host, _, port = spec.superlink.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--superlink: expected HOST:PORT, got {spec.superlink!r}")
-    if not spec.data and spec.partition_id is None:
-        raise ConfigError("--data: say which data this node trains on (or --partition-id N in shared-data mode)")
+    if spec.partition_id is None:
+        raise ConfigError("--partition-id: say which client slot of the run this node holds (0..data.num_clients-1, "
+                          "as the coordinator assigns it)")
     for flag, path in (("--data", spec.data), ("--eval-data", spec.eval_data),
                        ("--root-certificates", spec.root_certificates), ("--auth-key", spec.auth_key)):
         if path and not Path(path).exists():
