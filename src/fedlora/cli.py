@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "the node holds once the worker is up, restarts the worker if it dies (the node loses that "
                  "round only), and stops both on Ctrl-C or SIGTERM. Exit status: 0 stopped by a signal; 2 a "
                  "mistake on the command line or in the data file; otherwise the SuperNode's. Example: fedlora "
-                 "node --superlink coordinator.example.org:9092 --data /srv/train.parquet --budget 8 --device "
-                 "cuda:0 --root-certificates ca.crt --auth-key node.key", config=False, quiet=False)
+                 "node --superlink coordinator.example.org:8000 --partition-id 0 --data /srv/train.parquet --budget 8 "
+                 "--device cuda:0 --root-certificates ca.crt --auth-key node.key", config=False, quiet=False)
     from .flower.node_command import add_arguments as add_node_arguments
 
     add_node_arguments(p)
