@@ -56,6 +56,9 @@ def test_a_silent_supernode_costs_a_round_the_grace_period_not_the_timeout(tiny_
                        tmp_path / "run.log", env)
         procs.append(runner)
         wait_for(lambda: runner.poll() is not None or (out / "summary.json").exists(), 400, "the end of the run")
+        # the log streams behind the ServerApp: wait for the round's console line (it follows the drop's)
+        wait_for(lambda: runner.poll() is not None or "round 1/1" in (tmp_path / "run.log").read_text(), 60,
+                 "the round's line in the streamed log")
     log = (tmp_path / "run.log").read_text()
     assert (out / "summary.json").exists(), log[-3000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()[1:]]
