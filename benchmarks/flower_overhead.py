@@ -113,12 +113,16 @@ def flwr_run(ov: list[str], out: Path, work: Path, simulation: bool, workers: bo
             if runner.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"flwr run failed; see {log.name}")
             time.sleep(0.2)
-    finally:
-        for p in reversed(procs):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    finally:  # SIGTERM first: a `fedlora node` stops its worker and SuperNode, then SIGKILL what is left
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in reversed(procs):
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+            if sig == signal.SIGTERM:
+                time.sleep(3)
+        for p in procs:
             p.wait()
 
 

@@ -142,8 +142,20 @@ def worker_command(spec: NodeSpec, sock: Path) -> list[str]:
             "--device", spec.device, "--cache-dir", cache]
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM when ``fedlora node`` dies, even by SIGKILL, so no
+    worker or SuperNode outlives it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the signal handlers below still stop both
+        pass
+
+
 def _start(cmd: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: stopped as a whole
+    # its own group (stopped as a whole), and it dies with this process
+    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
