@@ -89,14 +89,14 @@ def flwr_run(ov: list[str], out: Path, work: Path, simulation: bool, workers: bo
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     procs = [start([str(BIN / "flower-superlink"), "--insecure", "--isolation", "subprocess", "--port", str(port),
-                    "--disable-runtime-dependency-installation", "--database", str(home / "state.db"),
+                    "--disable-runtime-dependency-installation",
                     *(["--simulation"] if simulation else [])])]
     try:
         while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
             time.sleep(0.2)
         if workers:
             procs += [start([str(BIN / "fedlora"), "node", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                             "--partition-id", str(i), "--socket", str(home / f"w{i}" / "w.sock"),
+                             "--partition-id", str(i),
                              "--cache-dir", str(home / "cache")]) for i in range(3)]
         elif not simulation:
             procs += [start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",

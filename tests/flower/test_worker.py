@@ -248,6 +248,7 @@ def test_the_token_cache_reads_its_entry_and_a_changed_file_misses(tmp_path):
     (["--superlink", "h:1", "-p", "0", "--data", "{data}", "--insecure", "--auth-key", "{data}"],
      "--auth-key: SuperNode auth"),
     (["--superlink", "h:1", "-p", "0", "--data", "{data}", "--insecure", "--budget", "0"], "--budget: a LoRA rank"),
+    (["--superlink", "h:1", "-p", "0", "--insecure", "--poll-interval", "0"], "--poll-interval: between 0.01"),
 ])
 def test_fedlora_node_refuses_a_bad_command_line_in_one_line(tmp_path, capsys, argv, says):
     from fedlora.cli import main
@@ -265,16 +266,13 @@ def test_the_node_config_names_the_worker_and_the_nodes_own_settings(tmp_path):
 
     data = tmp_path / "d.csv"
     spec = NodeSpec(superlink="h:1", data=str(data), budget=8, device="cuda:0", insecure=True)
-    assert node_config(spec, Path("/s/w.sock")) == {"worker": "/s/w.sock", "budget": 8, "device": "cuda:0",
-                                                    "data-path": str(data.resolve())}
-    assert node_config(NodeSpec(superlink="h:1", partition_id=0, insecure=True), Path("/s")) == {
-        "worker": "/s", "partition-id": 0}
-    assert os.path.isabs(node_config(NodeSpec("h:1", data="rel.csv"), Path("/s"))["data-path"])
+    assert node_config(spec) == {"budget": 8, "device": "cuda:0", "data-path": str(data.resolve())}
+    assert node_config(NodeSpec(superlink="h:1", partition_id=0, insecure=True)) == {"partition-id": 0}
+    assert os.path.isabs(node_config(NodeSpec("h:1", data="rel.csv"))["data-path"])
 
 
 @pytest.mark.slow
-def test_fedlora_nodes_keep_their_models_and_a_killed_worker_costs_its_node_one_round(tiny_bert_dir, tmp_path,
-                                                                                   short_dir):
+def test_fedlora_nodes_keep_their_models_and_a_killed_worker_costs_its_node_one_round(tiny_bert_dir, tmp_path):
     """A SuperLink and 2 `fedlora node`s (worker + SuperNode each) on 127.0.0.1, 3 rounds via `flwr run`.
     Node 1's worker is SIGKILLed in the middle of its round-1 task (while it loads the model): that round
     drops client 1 with one line in the server's log, `fedlora node` restarts the worker and client 1 trains
@@ -296,8 +294,8 @@ def test_fedlora_nodes_keep_their_models_and_a_killed_worker_costs_its_node_one_
     logs = [tmp_path / f"node{i}.log" for i in (0, 1)]
     with superlink(tmp_path) as (env, link_port, procs):
         nodes = [start([str(BIN / "fedlora"), "node", "--superlink", f"127.0.0.1:{link_port}", "--insecure",
-                        "--partition-id", str(i), "--budget", str(4 * (i + 1)), "--socket",
-                        str(short_dir / f"n{i}" / "w.sock"), "--cache-dir", str(tmp_path / "cache")], logs[i], env)
+                        "--partition-id", str(i), "--budget", str(4 * (i + 1)), "--poll-interval", "0.2",
+                        "--cache-dir", str(tmp_path / "cache")], logs[i], env)
                  for i in (0, 1)]
         procs += nodes
         run_config = tmp_path / "run_config.toml"
@@ -310,7 +308,7 @@ def test_fedlora_nodes_keep_their_models_and_a_killed_worker_costs_its_node_one_
         def trains(i: int) -> int:
             if runner.poll() is not None and not (out / "summary.json").exists():
                 raise RuntimeError("flwr run ended early:\n" + (tmp_path / "run.log").read_text()[-3000:])
-            return logs[i].read_text().count("fedlora worker: train from node")
+            return len(re.findall(r"fedlora worker: train \(run \d+\): started", logs[i].read_text()))
 
         wait_for(lambda: trains(1) >= 1, 240, "node 1's round-1 task")
         pid = int(re.findall(r"fedlora worker: ready on \S+ \(pid (\d+)\)", logs[1].read_text())[-1])
@@ -335,9 +333,67 @@ def test_fedlora_nodes_keep_their_models_and_a_killed_worker_costs_its_node_one_
     assert "round 1/3: clients answered 1, dropped 1" in run_log, run_log[-3000:]
     assert "round 2/3: clients answered 2, dropped 0" in run_log, run_log[-3000:]
     assert "the worker died" in text[1] and text[1].count("fedlora worker: ready on") == 2
-    assert text[1].count("loaded model") == 1 and text[1].count("fedlora worker: train (") == 2  # the restarted one
+    assert "train (run" in text[1] and "left by the previous worker: failed" in text[1]  # answered at once
+    done = r"fedlora worker: train \(run \d+\) \(pull"
+    assert text[1].count("loaded model") == 1 and len(re.findall(done, text[1])) == 2  # the restarted one
     assert text[0].count("loaded model") == 1 and "(load 1)" in text[0]  # 3 rounds, one load
-    assert text[0].count("fedlora worker: train (") == 3
+    assert len(re.findall(done, text[0])) == 3
     for pid in children:  # SIGTERM left no orphan behind
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _fab(clientapp: str) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("pyproject.toml", '[project]\nname = "x"\nversion = "1.0.0"\n[tool.flwr.app]\npublisher = "p"\n'
+                   f'[tool.flwr.app.components]\nserverapp = "a:b"\nclientapp = "{clientapp}"\n')
+    return buf.getvalue()
+
+
+def test_a_node_runs_only_fedloras_own_clientapp():
+    from fedlora.flower.node_executor import fedlora_app
+
+    assert fedlora_app(_fab("fedlora.flower.node_app:app")) == "fedlora.flower.node_app:app"
+    assert fedlora_app(_fab("fedlora.flower.client_app:app")) == "fedlora.flower.client_app:app"
+    with pytest.raises(ValueError, match="not fedlora's"):
+        fedlora_app(_fab("evil.app:app"))
+
+
+def test_the_supernode_launcher_caps_flowers_idle_waits():
+    """fedlora node's SuperNode: Flower 1.41's fixed 3 s idle sleep and 1 s object-pull back-off capped."""
+    import functools
+    import time
+
+    from flwr.supernode import start_client_internal as loop
+
+    from fedlora.flower.supernode_launch import capped_time, patch
+
+    clock = capped_time(0.01)
+    t0 = time.perf_counter()
+    clock.sleep(3)
+    assert time.perf_counter() - t0 < 1 and clock.monotonic is time.monotonic
+    saved = loop.time, loop.pull_objects
+    try:
+        assert patch(0.2)
+        assert isinstance(loop.pull_objects, functools.partial)
+        assert loop.pull_objects.keywords["backoff_cap"] == 0.2 and loop.pull_objects.keywords["initial_backoff"] <= 0.2
+        t0 = time.perf_counter()
+        loop.time.sleep(3)
+        assert time.perf_counter() - t0 < 1
+        assert not patch(0.2)  # patched once: a second call finds no pristine module and leaves it
+    finally:
+        loop.time, loop.pull_objects = saved
+
+
+def test_the_worker_takes_one_way_to_receive_messages(capsys):
+    from fedlora.flower.worker import main
+
+    for argv in ([], ["--socket", "/tmp/x.sock", "--runtime-api", "127.0.0.1:1"], ["--runtime-api", "127.0.0.1:1"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    assert "--runtime-api needs --secret-file" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 log = logging.getLogger("fedlora.flower")
-POLL_S = 0.25  # between pulls; Flower's own send_and_receive sleeps 3 s
+POLL_S = 0.1  # between pulls (a loopback call to the SuperLink); Flower's own send_and_receive sleeps 3 s
 
 
 @dataclass(frozen=True)

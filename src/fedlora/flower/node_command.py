@@ -1,10 +1,12 @@
 """``fedlora node``: one organisation's side of a deployment in one command.
 
 It starts the node's worker (:mod:`.worker`, which keeps the base model and the tokenised data
-loaded for the whole federation) and a ``flower-supernode`` from the same environment whose
-node-config names the worker's socket, the node's data, budget and device; says what the node
-holds once the worker is up; restarts the worker when it dies (the node loses the round in
-flight, not the run); and stops both, with their process groups, on Ctrl-C or SIGTERM.
+loaded for the whole federation) and a ``flower-supernode`` from the same environment in
+``--isolation process``, whose task executor the worker is (:mod:`.node_executor`: no process per
+message), with a fresh SuperExec secret that only the two share and a node-config naming the
+node's data, budget and device; says what the node holds once the worker is up; restarts the
+worker when it dies (the node loses the round in flight, not the run); and stops both, with their
+process groups, on Ctrl-C or SIGTERM.
 Imports no Flower module until it runs: the command line works without Flower installed.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -41,9 +44,9 @@ class NodeSpec:
     root_certificates: str = ""
     auth_key: str = ""
     insecure: bool = False
-    port: int = 0  # the SuperNode's ClientAppIo port; 0: a free one
-    socket: str = ""  # the worker's socket; "": worker.sock in a fresh private directory
+    port: int = 0  # the SuperNode's Runtime API port on 127.0.0.1 (the worker's only peer); 0: a free one
     cache_dir: str = ""  # tokenised-data cache; "": ~/.cache/fedlora/tokens
+    poll_interval: float = 0.5  # the SuperNode's idle wait between asking the SuperLink for work (Flower: 3 s)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,8 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "authentication (flower-supernode --auth-supernode-private-key); register its .pub with the "
                    "coordinator")
     p.add_argument("--insecure", action="store_true", help="no TLS (a trial on a trusted network only)")
-    p.add_argument("--port", type=int, default=0, help="the SuperNode's local ClientAppIo port (default: a free one)")
-    p.add_argument("--socket", default="", help="the worker's Unix socket (default: in a fresh private directory)")
+    p.add_argument("--port", type=int, default=0, help="the SuperNode's Runtime API port on 127.0.0.1, which only "
+                   "the worker uses (default: a free one)")
+    p.add_argument("--poll-interval", type=float, default=0.5, metavar="S",
+                   help="seconds an idle node waits before asking the SuperLink for work again (default: "
+                   "%(default)s; Flower's own SuperNode waits 3 s, which a small job's every round pays)")
     p.add_argument("--cache-dir", default="", help="tokenised-data cache (default: ~/.cache/fedlora/tokens)")
 
 
@@ -96,20 +102,15 @@ def check_spec(spec: NodeSpec) -> None:
         raise ConfigError(f"--budget: a LoRA rank of at least 1, got {spec.budget}")
     if spec.partition_id is not None and spec.partition_id < 0:
         raise ConfigError(f"--partition-id: at least 0, got {spec.partition_id}")
+    if not 0.01 <= spec.poll_interval <= 60:
+        raise ConfigError(f"--poll-interval: between 0.01 and 60 seconds, got {spec.poll_interval}")
 
 
-def node_config(spec: NodeSpec, sock: Path) -> dict:
-    """The SuperNode's node-config: what the ClientApp (and through it the worker) reads."""
-    from .run_config import (  # Flower: only when used
-        NODE_BUDGET,
-        NODE_DATA,
-        NODE_DEVICE,
-        NODE_EVAL_DATA,
-        NODE_PARTITION,
-        NODE_WORKER,
-    )
+def node_config(spec: NodeSpec) -> dict:
+    """The SuperNode's node-config: what the ClientApp in the worker reads."""
+    from .run_config import NODE_BUDGET, NODE_DATA, NODE_DEVICE, NODE_EVAL_DATA, NODE_PARTITION  # Flower: when used
 
-    cfg: dict = {NODE_WORKER: str(sock)}
+    cfg: dict = {}
     for key, value in ((NODE_PARTITION, spec.partition_id), (NODE_BUDGET, spec.budget), (NODE_DEVICE, spec.device),
                        (NODE_DATA, _abs(spec.data)), (NODE_EVAL_DATA, _abs(spec.eval_data))):
         if value not in (None, ""):
@@ -127,18 +128,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def supernode_command(spec: NodeSpec, node_config_file: Path) -> list[str]:
+@dataclass(frozen=True)
+class NodeFiles:
+    """What the node's two processes share, in a private (0700) directory of this run."""
+    folder: Path
+    port: int  # the SuperNode's Runtime API on 127.0.0.1
+
+    @property
+    def secret(self) -> Path:  # the SuperExec secret: whoever holds it can take the node's tasks
+        return self.folder / "superexec.secret"
+
+    @property
+    def ready(self) -> Path:  # the worker creates it once its checks passed
+        return self.folder / "worker.ready"
+
+    @property
+    def node_config(self) -> Path:
+        return self.folder / "node-config.toml"
+
+
+def supernode_command(spec: NodeSpec, files: NodeFiles) -> list[str]:
     security = ["--insecure"] if spec.insecure else ["--root-certificates", spec.root_certificates]
     if spec.auth_key:
         security += ["--auth-supernode-private-key", spec.auth_key]
-    return [str(Path(sys.executable).parent / "flower-supernode"), *security, "--superlink", spec.superlink,
-            "--isolation", "subprocess", "--port", str(spec.port or _free_port()),
-            "--node-config", str(node_config_file)]
+    return [sys.executable, "-m", "fedlora.flower.supernode_launch", str(spec.poll_interval), *security,
+            "--superlink", spec.superlink, "--isolation", "process", "--host", "127.0.0.1", "--port", str(files.port),
+            "--superexec-auth-secret-file", str(files.secret), "--node-config", str(files.node_config)]
 
 
-def worker_command(spec: NodeSpec, sock: Path) -> list[str]:
+def worker_command(spec: NodeSpec, files: NodeFiles) -> list[str]:
     cache = spec.cache_dir or str(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "fedlora/tokens")
-    return [sys.executable, "-m", "fedlora.flower.worker", "--socket", str(sock), "--data", _abs(spec.data),
+    return [sys.executable, "-m", "fedlora.flower.worker", "--runtime-api", f"127.0.0.1:{files.port}",
+            "--secret-file", str(files.secret), "--ready-file", str(files.ready), "--data", _abs(spec.data),
             "--device", spec.device, "--cache-dir", cache]
 
 
@@ -173,13 +194,12 @@ def _stop(proc: subprocess.Popen | None) -> None:
             continue
 
 
-def _wait_ready(worker: subprocess.Popen, sock: Path, timeout: float = 600.0) -> bool:
-    """True once the worker accepts connections; False if it exits first."""
+def _wait_ready(worker: subprocess.Popen, ready: Path, timeout: float = 600.0) -> bool:
+    """True once the worker's checks passed; False if it exits first."""
     deadline = time.monotonic() + timeout
     while worker.poll() is None and time.monotonic() < deadline:
-        with socket.socket(socket.AF_UNIX) as probe:
-            if sock.exists() and probe.connect_ex(str(sock)) == 0:
-                return True
+        if ready.exists():
+            return True
         time.sleep(0.1)
     return False
 
@@ -190,30 +210,28 @@ def say(text: str) -> None:
 
 def run_node(spec: NodeSpec) -> int:
     """Start, supervise and stop the worker and the SuperNode; the exit status of the node."""
-    private = Path(tempfile.mkdtemp(prefix="fedlora-node-"))  # 0700: the socket's and node-config's home
-    sock = Path(spec.socket).expanduser().resolve() if spec.socket else private / "worker.sock"
-    config_file = private / "node-config.toml"
-    config_file.write_text(tomli_w.dumps(node_config(spec, sock)))
+    files = NodeFiles(Path(tempfile.mkdtemp(prefix="fedlora-node-")), spec.port or _free_port())  # mkdtemp: 0700
+    files.node_config.write_text(tomli_w.dumps(node_config(spec)))
+    fd = os.open(files.secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    # the SuperNode's SuperExec looks for a new message every second by default; a worker answers in
-    # milliseconds, so that wait was most of a round's overhead (the operator's own setting wins)
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, _f: stop.append(s))
     worker = supernode = None
     deaths: list[float] = []
     try:
-        worker = _start(worker_command(spec, sock), env)
-        if not _wait_ready(worker, sock):
+        worker = _start(worker_command(spec, files), env)
+        if not _wait_ready(worker, files.ready):
             if stop:
                 return 0
             say(f"the worker did not start (exit {worker.poll()}); see its line above")
             return 2 if worker.poll() == 2 else 1
         say(f"holds {spec.data or f'client {spec.partition_id} of the shared split'}; budget "
             f"{spec.budget or 'from the run config'}; device {spec.device or 'from the run config'}; "
-            f"worker {sock}; SuperNode -> {spec.superlink}")
-        supernode = _start(supernode_command(spec, config_file), env)
+            f"SuperNode -> {spec.superlink}, its tasks run in the worker (Runtime API 127.0.0.1:{files.port})")
+        supernode = _start(supernode_command(spec, files), env)
         say(f"worker pid {worker.pid}, SuperNode pid {supernode.pid}")
         while not stop:
             if supernode.poll() is not None:
@@ -227,11 +245,12 @@ def run_node(spec: NodeSpec) -> int:
                         f"{worker.returncode}); stopping the node")
                     return 1
                 say(f"the worker died (exit {worker.returncode}); the round in flight is lost; restarting it")
-                worker = _start(worker_command(spec, sock), env)
+                files.ready.unlink(missing_ok=True)
+                worker = _start(worker_command(spec, files), env)
             time.sleep(0.2)
         say("stopping (signal)")
         return 0
     finally:
         _stop(supernode)
         _stop(worker)
-        shutil.rmtree(private, ignore_errors=True)
+        shutil.rmtree(files.folder, ignore_errors=True)

@@ -2,13 +2,16 @@
 federation, so what they cache (the base model on its device, the tokenised data, the LoRA
 wrapper) loads once instead of once per message.
 
+    python -m fedlora.flower.worker --runtime-api 127.0.0.1:9094 --secret-file F [--data PATH]
     python -m fedlora.flower.worker --socket /run/user/1000/fedlora/worker.sock [--data PATH]
 
-Flower 1.41 runs every message in a fresh ``flwr-clientapp`` process; with node-config
-``worker=SOCK`` that process only forwards the message here (:mod:`.worker_link`) and returns
-the reply. The worker answers one request at a time and knows nothing of what the handlers do:
-it rebuilds the Message and Context and calls the same ClientApp. ``fedlora node`` starts it
-beside the SuperNode and restarts it if it dies.
+Two ways to receive the node's messages. ``--runtime-api``: the worker is the SuperNode's task
+executor (``flower-supernode --isolation process``, :mod:`.node_executor`), so no process is
+started per message; ``fedlora node`` runs it so. ``--socket``: a SuperNode in ``--isolation
+subprocess`` still starts a ``flwr-clientapp`` process per message, and with node-config
+``worker=SOCK`` that process only forwards the message here (:mod:`.worker_link`). Either way the
+worker answers one message at a time with the same ClientApp, knowing nothing of what its
+handlers do. ``fedlora node`` starts it beside the SuperNode and restarts it if it dies.
 """
 
 from __future__ import annotations
@@ -106,11 +109,21 @@ def describe_data(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fedlora.flower.worker", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--socket", required=True, type=Path, help="the Unix socket to serve (made 0600)")
+    ap.add_argument("--runtime-api", default="", metavar="HOST:PORT",
+                    help="the SuperNode's Runtime API (--isolation process): answer its tasks in this process")
+    ap.add_argument("--secret-file", type=Path, help="with --runtime-api: the SuperNode's SuperExec secret")
+    ap.add_argument("--ready-file", type=Path, help="with --runtime-api: created once the checks passed")
+    ap.add_argument("--task-file", type=Path, help="with --runtime-api: holds the token of the task in hand "
+                    "(default: beside the secret file)")
+    ap.add_argument("--socket", type=Path, help="the Unix socket to serve (made 0600) for forwarded messages")
     ap.add_argument("--data", default="", help="the node's data file: checked and counted at start")
     ap.add_argument("--device", default="", help="the node's device: checked at start")
     ap.add_argument("--cache-dir", default="", help="cache tokenised data here (default: no cache)")
     args = ap.parse_args(argv)
+    if bool(args.runtime_api) == bool(args.socket):
+        ap.error("give --runtime-api (with --secret-file) or --socket")
+    if args.runtime_api and args.secret_file is None:
+        ap.error("--runtime-api needs --secret-file")
     from ..device import resolve_device
     from ..errors import ConfigError
     from . import client_app
@@ -119,14 +132,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         held = describe_data(args.data) if args.data else "shared-data mode (partition-id)"
         device = resolve_device(args.device, f"node-config {NODE_DEVICE}") if args.device else "the run's train.device"
-        listener = listen(args.socket)
+        secret = args.secret_file.read_bytes() if args.runtime_api else b""
+        listener = listen(args.socket) if args.socket else None
     except (ConfigError, ValueError, OSError) as e:
         print(f"fedlora worker: {e}", file=sys.stderr)
         return 2
     if args.cache_dir:
         token_cache.enable(args.cache_dir)
     count_model_loads()
-    log(f"ready on {args.socket} (pid {os.getpid()}); {held}; device {device}")
+    log(f"ready on {args.runtime_api or args.socket} (pid {os.getpid()}); {held}; device {device}")
+    if listener is None:
+        from .node_executor import serve_tasks
+
+        if args.ready_file:
+            args.ready_file.touch()
+        task_file = args.task_file or args.secret_file.with_name("task.token")
+        serve_tasks(args.runtime_api, secret, client_app.app, task_file, say=log)
+        return 0
     with listener:
         serve(listener, client_app.app)
     return 0
