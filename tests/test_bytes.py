@@ -20,8 +20,11 @@ ROUNDS = 4
 
 
 def encoded_nbytes(record) -> int:
-    """Tensor bytes in a codec record (each array's data; Flower adds a ~128-byte npy header per tensor)."""
-    return sum(a.numpy().nbytes for a in record.array_records[codec.ARRAYS].values())
+    """Tensor bytes in a codec record, read off the raw blob: its length less the 8-byte length
+    prefix and the JSON header that prefix counts (the codec's layout check makes the rest exactly
+    the tensors' numel x itemsize)."""
+    data = codec.blob_in(record.array_records[codec.ARRAYS])
+    return len(data) - 8 - int.from_bytes(data[:8], "little")
 
 
 def rounds(name):
@@ -46,7 +49,7 @@ def test_reported_bytes_equal_what_the_codec_encodes(name):
 
 def delta_nbytes(record, name: str) -> int:
     """Bytes the codec encoded for module ``name``'s base delta."""
-    return sum(a.numpy().nbytes for k, a in record.array_records[codec.ARRAYS].items()
+    return sum(t.numel() * t.element_size() for k, t in codec.tensors_in(record.array_records[codec.ARRAYS]).items()
                if k.startswith(f"delta.{name}."))
 
 
@@ -79,7 +82,7 @@ def test_a_dense_delta_on_the_wire_is_one_m_by_n_tensor_and_the_layer_holds_its_
     big = Factors(A=torch.randn(5, 6, generator=g), B=torch.randn(5, 5, generator=g))  # 55 > 30 numbers
     task = ClientTask(factors={"up": Factors(A=torch.zeros(1, 6), B=torch.zeros(5, 1))}, scale=1.0,
                       base_delta={"up": big})
-    arrays = codec.encode_task(task, 1).array_records[codec.ARRAYS]
+    arrays = codec.tensors_in(codec.encode_task(task, 1).array_records[codec.ARRAYS])
     assert sorted(arrays) == ["delta.up.W", "lora.up.A", "lora.up.B"] and arrays["delta.up.W"].shape == (5, 6)
     decoded = codec.decode_task(codec.encode_task(task, 1))[1]
     x = torch.randn(3, 6, generator=g)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("flwr")
 
-from flwr.app import ArrayRecord, Context, RecordDict  # noqa: E402
+from flwr.app import Context, RecordDict  # noqa: E402
 
 from fedlora.checkpoint import checkpoint_path  # noqa: E402
 from fedlora.flower import client_app, codec, server_app  # noqa: E402
@@ -51,9 +51,9 @@ def edit_train_replies(edit):
 
 def edit_arrays(edit):
     def on_content(content):
-        sd = content.array_records[codec.ARRAYS].to_torch_state_dict()
+        sd = codec.tensors_in(content.array_records[codec.ARRAYS])
         edit(sd)
-        content.array_records[codec.ARRAYS] = ArrayRecord(sd)
+        content.array_records[codec.ARRAYS] = codec.pack_tensors(sd)
     return edit_train_replies(on_content)
 
 

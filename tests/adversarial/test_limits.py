@@ -1,23 +1,23 @@
-"""Limits on what one node can cost the server: a reply's tensors are checked from the record's
-metadata before any is built (an extra 256 MiB tensor, 33 million columns, a lying .npy header),
-client metrics are screened (NaN, inf, -1e30, 100,000 keys), and a silent node ends a round
-after the grace period, then is benched until it answers again."""
+"""Limits on what one node can cost the server: a reply's tensors are checked from the Array's
+metadata and the blob's header before any is built (an extra 256 MiB tensor, 33 million columns, a
+header that claims less than the blob holds, a length prefix past the blob, overlapping or
+out-of-range offsets, a 64 MiB header, another record layout), client metrics are screened (NaN,
+inf, -1e30, 100,000 keys), and a silent node ends a round after the grace period, then is benched
+until it answers again."""
 
 import dataclasses
-import io
 import json
 import logging
 import math
 import time
 import tracemalloc
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import Array, MetricRecord  # noqa: E402
+from flwr.app import Array, ArrayRecord, MetricRecord  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedlora.config import default_config_path, load_config  # noqa: E402
@@ -41,20 +41,48 @@ MiB = 2**20
 IN, OUT, R = 768, 768, 8  # a BERT-base-sized layer
 
 
-def npy_array(shape, dtype="float32") -> Array:
-    """An Array whose data is a real .npy of zeros (what a node can send), built without a second copy."""
-    head = io.BytesIO()
-    np.lib.format.write_array_header_1_0(head, {"descr": np.dtype(dtype).str, "fortran_order": False,
-                                                "shape": tuple(shape)})
-    n = math.prod(shape) * np.dtype(dtype).itemsize
-    buf = bytearray(len(head.getvalue()) + n)
-    buf[:len(head.getvalue())] = head.getvalue()
-    return Array(dtype=dtype, shape=tuple(shape), stype="numpy.ndarray", data=bytes(buf))
+def honest_header(record) -> tuple[dict, int]:
+    """The honest blob's header (as JSON) and its data's length."""
+    data = codec.blob_in(record)
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]), len(data) - 8 - n
 
 
-def lying_array(shape) -> Array:
-    """Metadata that claims ``shape``; data that is a 256 MiB .npy."""
-    return Array(dtype="float32", shape=tuple(shape), stype="numpy.ndarray", data=npy_array((64 * MiB,)).data)
+def tiled(entries: dict[str, tuple[str, list[int]]]) -> tuple[dict, int]:
+    """A header declaring ``{key: (dtype, shape)}`` with offsets that tile the data exactly, and its length."""
+    header, end = {}, 0
+    for key, (dtype, shape) in entries.items():
+        size = math.prod(shape) * {"F32": 4, "F64": 8}[dtype]
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [end, end + size]}
+        end += size
+    return header, end
+
+
+def forge(header: dict, data: int, prefix: int | None = None, pad: int = 0) -> ArrayRecord:
+    """A blob as a node can craft it: ``header`` as JSON (plus ``pad`` spaces) behind a length prefix
+    (by default its true length), then ``data`` zero bytes; built with one extra copy at most."""
+    head = json.dumps(header).encode() + b" " * pad
+    buf = bytearray(8 + len(head) + data)
+    buf[:8] = (len(head) if prefix is None else prefix).to_bytes(8, "little")
+    buf[8:8 + len(head)] = head
+    return codec.blob_record(bytes(buf))
+
+
+def with_tensor(header: dict, key: str, shape: list[int]) -> ArrayRecord:
+    """A consistent blob declaring ``key`` as a float32 ``shape`` (added, or in place of the honest one)."""
+    entries = {k: (v["dtype"], v["shape"]) for k, v in header.items()}
+    return forge(*tiled(entries | {key: ("F32", shape)}))
+
+
+def overlapping(header: dict) -> dict:
+    """Layer 0's B declared over the same bytes as its A (both 8 x 768 floats)."""
+    a, b = header["lora.layer.0.q.A"], header["lora.layer.0.q.B"]
+    return header | {"lora.layer.0.q.B": b | {"data_offsets": a["data_offsets"]}}
+
+
+def as_float32(record) -> ArrayRecord:
+    data = codec.blob_in(record)
+    return ArrayRecord({codec.BLOB: Array(dtype="float32", shape=(len(data) // 4,), stype=codec.STYPE, data=data)})
 
 
 @pytest.fixture()
@@ -81,21 +109,35 @@ def decode_measured(task, content):
         tracemalloc.stop()
 
 
-HOSTILE = {  # the edit of an honest reply's arrays, the reason, the start of the detail
-    "extra 256 MiB tensor": (lambda a: a.__setitem__("lora.layer.0.q.C", npy_array((64 * MiB,))),
+HONEST_DATA = 4 * (R * IN + OUT * R + IN + OUT + 2 * IN)  # float32: layer 0 (rank R), layer 1 (rank 1), the head
+HOSTILE = {  # (the honest record, its header, its data's length) -> a hostile record, the reason, the detail's start
+    "extra 256 MiB tensor": (lambda rec, h, n: with_tensor(h, "lora.layer.0.q.C", [64 * MiB]),
                              Reject.MALFORMED, "Malformed: unexpected tensor 'lora.layer.0.q.C'"),
-    "33 million columns": (lambda a: a.__setitem__("lora.layer.1.q.A", npy_array((1, 33_000_000))),
+    "33 million columns": (lambda rec, h, n: with_tensor(h, "lora.layer.1.q.A", [1, 33_000_000]),
                            Reject.WRONG_SHAPE, "lora.layer.1.q.A is (1, 33000000), expected (1, 768)"),
-    ".npy header lies about its shape": (lambda a: a.__setitem__("lora.layer.0.q.B", lying_array((OUT, R))),
-                                         Reject.TOO_LARGE, "lora.layer.0.q.B holds 268435584 bytes"),
+    "header claims less than the 256 MiB blob": (lambda rec, h, n: forge(h, n + 256 * MiB), Reject.TOO_LARGE,
+                                                 f"the tensor blob holds {HONEST_DATA + 256 * MiB} bytes of data, "
+                                                 f"its tensors {HONEST_DATA}"),
+    "length prefix past the blob": (lambda rec, h, n: forge(h, n, prefix=2**64 - 1), Reject.MALFORMED,
+                                    "Malformed: the blob's header claims 18446744073709551615 bytes"),
+    "overlapping data_offsets": (lambda rec, h, n: forge(overlapping(h), n), Reject.MALFORMED,
+                                 "Malformed: tensor 'lora.layer.0.q."),
+    "data_offsets past the data": (lambda rec, h, n: forge(h, n - 1), Reject.MALFORMED,
+                                   f"Malformed: the tensors end at byte {HONEST_DATA} of the data, the blob holds"),
+    "64 MiB header": (lambda rec, h, n: forge(h, n, pad=64 * MiB), Reject.TOO_LARGE, "the blob's header holds 671"),
+    "one array per tensor (the old layout)": (lambda rec, h, n: ArrayRecord(codec.tensors_in(rec)), Reject.MALFORMED,
+                                              "Malformed: fedlora.arrays must hold one array 'safetensors', it "),
+    "a float32 array": (lambda rec, h, n: as_float32(rec), Reject.MALFORMED,
+                        "Malformed: array 'safetensors' must be a 1-D uint8 safetensors blob"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_an_oversized_reply_is_rejected_from_its_metadata_with_under_16_mib_of_growth(task_and_reply, case):
     task, content = task_and_reply
-    edit, reason, detail = HOSTILE[case]
-    edit(content.array_records[codec.ARRAYS])
+    forged, reason, detail = HOSTILE[case]
+    record = content.array_records[codec.ARRAYS]
+    content.array_records[codec.ARRAYS] = forged(record, *honest_header(record))
     rejected, growth = decode_measured(task, content)
     assert [(r.reason, r.detail[:len(detail)]) for r in rejected] == [(reason, detail)]
     assert growth < 16 * MiB, f"{growth / MiB:.1f} MiB"
@@ -103,11 +145,15 @@ def test_an_oversized_reply_is_rejected_from_its_metadata_with_under_16_mib_of_g
 
 def test_the_honest_reply_decodes_and_its_cost_is_the_measure_of_the_limit(task_and_reply):
     task, content = task_and_reply
+    assert honest_header(content.array_records[codec.ARRAYS])[1] == HONEST_DATA
     rejected, growth = decode_measured(task, content)
     assert rejected == [] and growth < 16 * MiB
-    content.array_records[codec.ARRAYS]["lora.layer.0.q.A"] = npy_array((R, IN), "float64")
+    tensors = codec.tensors_in(content.array_records[codec.ARRAYS])
+    tensors["lora.layer.0.q.A"] = tensors["lora.layer.0.q.A"].double()
+    content.array_records[codec.ARRAYS] = codec.pack_tensors(tensors)
     rejected, _ = decode_measured(task, content)
-    assert [r.reason for r in rejected] == [Reject.WRONG_DTYPE]
+    assert [(r.reason, r.detail) for r in rejected] == [
+        (Reject.WRONG_DTYPE, "lora.layer.0.q.A is torch.float64, expected torch.float32")]
 
 
 def test_100000_metric_keys_are_refused_before_they_are_read(task_and_reply):
