@@ -10,8 +10,9 @@ from fedlora.cli import main
 from fedlora.compare import run_dir
 from fedlora.config import ConfigError
 from fedlora.strategies import METHODS
+from fedlora.study.metric import ACCURACY, LOSS
 from fedlora.study.report import method_lines
-from fedlora.study.runner import chosen_lrs, sweep_dir, task_dir
+from fedlora.study.runner import chosen_lrs, sweep_dir, task_dir, task_metric
 from fedlora.study.spec import Study, load_study
 
 from .conftest import tiny_overrides
@@ -291,13 +292,8 @@ def test_compare_resumes_an_interrupted_run_from_its_checkpoint(tiny_study, tmp_
     assert strip[0] == strip[1]  # the resumed run is the run that was not interrupted
 
 
-@pytest.mark.parametrize("generate", [0, 4])
-def test_a_generative_task_is_refused_before_any_run(tiny_study, tmp_path, capsys, generate):
-    # the report is of accuracy; and scored by its loss (no generation) the sweep would keep the worst rate
+def test_a_generative_task_is_accepted_and_ranked_by_its_answer_loss(tiny_study, tmp_path):
     iid = tmp_path / "tiny_iid.toml"
-    iid.write_text(iid.read_text() + f'\n[eval]\ngenerate_examples = {generate}\n')
     iid.write_text(iid.read_text().replace("[data]\n", '[data]\nformat = "instruction"\n', 1))
-    assert main(["study", str(tiny_study), "--out", str(tmp_path / "r"), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "task 'beta' has data.format = 'instruction'" in err and err.count("\n") == 1
-    assert not (tmp_path / "r").exists()
+    study = load_study(tiny_study)  # a generative task is no longer refused
+    assert task_metric(study, "beta") == LOSS and task_metric(study, "alpha") == ACCURACY
