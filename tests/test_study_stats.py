@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy import stats as sps
 
-from fedlora.study.stats import at_upload, detectable_difference, holm, late_gain, paired, verdict
+from fedlora.study.stats import at_upload, detectable_difference, holm, late_gain, mean_stderr, paired, verdict
 
 
 def test_paired_interval_and_p_value_are_the_paired_t_tests():
@@ -33,6 +33,24 @@ def test_holm_adjustment():
 ])
 def test_verdict_words(ours, theirs, adjusted, word):
     assert verdict(paired(ours, theirs), adjusted, tie=0.005) == word
+
+
+@pytest.mark.parametrize("ours, theirs, word, won", [
+    ([1.50, 1.52, 1.49, 1.51, 1.50], [1.70, 1.69, 1.72, 1.71, 1.70], "win", 5),  # our loss is lower: ahead
+    ([1.70, 1.69, 1.72, 1.71, 1.70], [1.50, 1.52, 1.49, 1.51, 1.50], "loss", 0),
+    ([1.5], [1.7], "one seed: ahead", 1),
+])
+def test_for_a_loss_lower_is_ahead(ours, theirs, word, won):
+    p = paired(ours, theirs, higher_is_better=False)
+    assert p.mean == pytest.approx(sum(a - b for a, b in zip(ours, theirs)) / len(ours))  # still ours - theirs
+    assert verdict(p, adjusted_p=0.001, tie=0.01, higher_is_better=False) == word and p.won == won
+    assert p.won + p.lost == len(ours)
+
+
+def test_mean_and_standard_error_over_seeds():
+    mean, se = mean_stderr([1.0, 2.0, 4.0])
+    assert mean == pytest.approx(7 / 3) and se == pytest.approx(sps.sem([1.0, 2.0, 4.0]))
+    assert mean_stderr([3.0])[0] == 3.0 and math.isnan(mean_stderr([3.0])[1])
 
 
 def test_detectable_difference_shrinks_with_seeds_and_matches_the_power_formula():

@@ -6,7 +6,7 @@ learning-rate grid and the ablations. The study then
 
 1. sweeps the grid for every method on one task and a seed that is not reported
    (its own client split and held-out sample), and picks each method's rate the same
-   way: best final accuracy, ties to the smaller rate;
+   way: best final accuracy (a generative task: lowest answer loss), ties to the smaller rate;
 2. runs every method x seed on every task with those rates (``fedlora compare``);
 3. runs each ablation's variants (one method, every seed);
 4. writes the report (Markdown + plots) from the run directories alone.
@@ -14,8 +14,10 @@ learning-rate grid and the ablations. The study then
 Every run is an ordinary ``fedlora run`` directory; finished ones are skipped, so the
 command resumes where it stopped.
 
-One job per module: ``spec`` (the study file), ``runner`` (the output layout and running
-what is missing), ``report`` (verdicts, tables, the Markdown), ``plots`` (every figure, also
+One job per module: ``spec`` (the study file), ``metric`` (what a task is ranked by), ``runner``
+(the output layout and running what is missing), ``report`` (the Markdown: setup, sweeps, verdicts,
+ablations), ``task_report`` / ``lm_report`` (one classification / generative task's section, from
+the parts in ``section``), ``stats`` (paired differences, Holm, power), ``plots`` (every figure, also
 ``fedlora compare``'s). Import from them; this package re-exports nothing, so that
 ``fedlora.compare`` can use ``study.plots`` without importing the rest of the study.
 """

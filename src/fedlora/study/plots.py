@@ -39,7 +39,7 @@ def plot_curves(runs: Mapping[str, list[Path]], seeds: list[int], out: Path, met
 
     Args:
         runs: method -> its run directories, one per seed in ``seeds`` order.
-        lines: reference lines drawn level across both plots: name -> final accuracy.
+        lines: reference lines drawn level across both plots: name -> its final ``metric``.
         metric: an ``eval_*`` key of metrics.jsonl without the prefix (accuracy, rouge_l, loss).
     """
     plt = _pyplot()
@@ -111,11 +111,12 @@ def plot_diagnostics(runs: Mapping[str, list[Path]], out: Path) -> Path | None:
     return out / "diagnostics.png"
 
 
-def plot_ablation(labels: list[str], accs: list[list[float]], x_label: str, title: str, path: Path) -> None:
-    """One ablation: every seed's final accuracy per variant (grey) and their mean ± std.
+def plot_ablation(labels: list[str], accs: list[list[float]], x_label: str, title: str, path: Path,
+                  y_label: str = "final test accuracy") -> None:
+    """One ablation: every seed's final metric per variant (grey) and their mean ± std.
 
     Args:
-        accs: per variant (in ``labels`` order), the final accuracy of each seed.
+        accs: per variant (in ``labels`` order), the final metric (accuracy, answer loss) of each seed.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -126,7 +127,7 @@ def plot_ablation(labels: list[str], accs: list[list[float]], x_label: str, titl
     ax.errorbar(xs, means, yerr=stds, marker="s", capsize=4, label="mean ± std")
     ax.set_xticks(list(xs), labels)
     ax.set_xlabel(x_label)
-    ax.set_ylabel("final test accuracy")
+    ax.set_ylabel(y_label)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -18,7 +18,7 @@ from ..client import local_train
 from ..config import RunConfig, to_toml
 from ..encoding import train_batches
 from ..experiment import build_experiment, clients_per_round, evaluate_global, evaluate_task
-from ..outputs import summary
+from ..outputs import headline, summary
 from ..runner import SUMMARY, run, write_clients
 from ..seeding import derive_seed, torch_generator
 from ..simulate import simulate_round
@@ -86,7 +86,8 @@ def run_local_only(cfg: RunConfig, progress: bool = True) -> dict:
     final = {k: statistics.fmean(r[k] for r in results) for k in results[0]}
     rows = [{"round": 0, **{f"eval_{k}": v for k, v in initial.items()}},
             {"round": 1, **{f"eval_{k}": v for k, v in final.items()}, "bytes_up": 0.0, "clients": float(n),
-             "client_accuracy": [r["accuracy"] for r in results], "local_steps_per_client": steps}]
+             f"client_{headline(results[0])}": [r[headline(r)] for r in results],  # accuracy, Rouge-L or loss
+             "local_steps_per_client": steps}]
     write_atomic(out / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     result = summary(exp, initial, final, time.perf_counter() - start, out)
     write_atomic(out / SUMMARY, json.dumps(result, indent=1) + "\n")  # last: it marks the line finished

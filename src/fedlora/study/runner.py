@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..compare import SUMMARY, compare, final_metric, run_dir
+from ..compare import SUMMARY, compare, run_dir
 from ..config import RunConfig, read_toml
-from ..runner import read_metrics
+from ..runner import NO_ROUND_AGGREGATED, read_metrics
+from .metric import ROUGE_L, Metric, best_rate, headline, is_generative
 from .references import run_reference
 from .spec import Ablation, Study, Variant
 
@@ -68,19 +70,32 @@ def missing_runs(study: Study, out: Path) -> list[Path]:
 
 # -- what the finished runs hold -------------------------------------------------------
 
-def final_accuracy(d: Path) -> float:
-    """The run's headline metric (accuracy for classification; see :mod:`fedlora.outputs`)."""
-    return final_metric(json.loads((d / SUMMARY).read_text()))[1]
+def final_value(d: Path, metric: Metric) -> float:
+    """The run's final held-out ``metric`` (summary.json's ``final_<key>``; see :mod:`fedlora.outputs`)."""
+    return float(json.loads((d / SUMMARY).read_text())[f"final_{metric.key}"])
+
+
+def sweep_value(d: Path, metric: Metric) -> float:
+    """A sweep run's final ``metric``; nan where no round was aggregated (every client diverged, say), as
+    its value is then the untrained model's, which must not win the sweep."""
+    summary = json.loads((d / SUMMARY).read_text())
+    return math.nan if summary.get("status") == NO_ROUND_AGGREGATED else float(summary[f"final_{metric.key}"])
+
+
+def task_metric(study: Study, task: str) -> Metric:
+    """What ``task`` is ranked by (accuracy, or the answer loss of a generative task)."""
+    return headline(study.task_config(task))
 
 
 def chosen_lrs(study: Study, out: Path, task: str) -> dict[str, float]:
-    """Each method's (and reference's) rate on ``task``: best sweep accuracy, ties to the smaller
-    rate ({} without a sweep)."""
+    """Each method's (and reference's) rate on ``task``: best final sweep metric (highest accuracy or
+    lowest answer loss), ties to the smaller rate, never a diverged run ({} without a sweep)."""
     s = study.sweep
     if s is None:
         return {}
-    lrs = {m: max(sorted(s.lrs), key=lambda lr: (final_accuracy(run_dir(sweep_dir(out, task, lr), m, s.seed)), -lr))
-           for m in swept(study)}
+    metric = task_metric(study, task)
+    lrs = {m: best_rate({lr: sweep_value(run_dir(sweep_dir(out, task, lr), m, s.seed), metric) for lr in s.lrs},
+                        metric, f"task {task}, {m}") for m in swept(study)}
     if "local" in study.references and "centralised" in lrs:
         lrs["local"] = lrs["centralised"]
     return lrs
@@ -90,32 +105,45 @@ def chosen_lrs(study: Study, out: Path, task: str) -> dict[str, float]:
 class MethodResult:
     method: str
     lr: float
-    accs: list[float]  # one per seed, in study.seeds order
+    values: list[float]  # the task's headline metric, one per seed in study.seeds order
     upload_mb: float  # per client per round, mean over seeds
+    total_mb: float  # up + down per client per round, mean over seeds (download is a cost too)
+    rouge_l: list[float] | None = None  # a generative task that generates: one per seed
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.accs)
+        return statistics.fmean(self.values)
+
+
+def per_client_round_mb(d: Path, keys: tuple[str, ...]) -> float:
+    """The run's traffic in ``keys`` (bytes_up, bytes_down) per client and round, in MB: each round's
+    sum over its clients divided by the clients it sampled, averaged over the rounds."""
+    sent = [sum(r.get(k, 0.0) for k in keys) / r["clients"] for r in read_metrics(d) if r.get("clients")]
+    return statistics.fmean(sent) / 1e6 if sent else 0.0
 
 
 def task_results(study: Study, out: Path, task: str, names: list[str] | None = None) -> list[MethodResult]:
-    """Per method (or reference): each seed's final accuracy, the rate its runs used, its mean
-    upload per client and round."""
-    rows = []
+    """Per method (or reference): each seed's final headline metric (and Rouge-L where a generative task
+    generated), the rate its runs used, its mean upload and total traffic per client and round."""
+    metric, rows = task_metric(study, task), []
     for m in names or study.methods:
         dirs = [run_dir(task_dir(out, task), m, s) for s in study.seeds]
-        uploads = []
-        for d in dirs:
-            sent = [r["bytes_up"] / r["clients"] for r in read_metrics(d) if r.get("clients")]
-            uploads.append(statistics.fmean(sent) / 1e6 if sent else 0.0)
+        sums = [json.loads((d / SUMMARY).read_text()) for d in dirs]
+        generated = all(f"final_{ROUGE_L.key}" in x for x in sums)  # eval.generate_examples > 0
         lr = float(read_toml(dirs[0] / "config.toml")["train"]["lr"])  # the rate the runs really used
-        rows.append(MethodResult(m, lr, [final_accuracy(d) for d in dirs], statistics.fmean(uploads)))
+        rows.append(MethodResult(
+            m, lr, [final_value(d, metric) for d in dirs],
+            statistics.fmean(per_client_round_mb(d, ("bytes_up",)) for d in dirs),
+            statistics.fmean(per_client_round_mb(d, ("bytes_up", "bytes_down")) for d in dirs),
+            [float(x[f"final_{ROUGE_L.key}"]) for x in sums] if generated else None))
     return rows
 
 
-def ablation_accuracies(study: Study, out: Path, a: Ablation) -> list[list[float]]:
-    """Per variant, every seed's final accuracy."""
-    return [[final_accuracy(run_dir(variant_dir(out, a, v), a.method, s)) for s in study.seeds] for v in a.variants]
+def ablation_values(study: Study, out: Path, a: Ablation) -> list[list[float]]:
+    """Per variant, every seed's final headline metric of the ablation's task."""
+    metric = task_metric(study, a.task)
+    return [[final_value(run_dir(variant_dir(out, a, v), a.method, s), metric) for s in study.seeds]
+            for v in a.variants]
 
 
 def read_timing(out: Path) -> dict | None:
@@ -158,8 +186,10 @@ def run_study(study: Study, out: Path, progress: bool = True) -> None:
         for task in study.tasks:
             for lr in lrs_grid:
                 announce(f"sweep lr={lr:g} on {task}, seed {study.sweep.seed}")
-                rounds = study.task_config(task).federation.rounds  # the sweep needs only the final accuracy
-                over = [f"train.lr={lr}", f"federation.eval_every={rounds}"]
+                cfg = study.task_config(task)
+                over = [f"train.lr={lr}", f"federation.eval_every={cfg.federation.rounds}"]  # only the final
+                if is_generative(cfg):  # the sweep ranks by answer loss: generating would only cost time
+                    over.append("eval.generate_examples=0")
                 run_entries(study, study.task_config(task, over), [study.sweep.seed],
                             sweep_dir(out, task, lr), {}, progress, swept(study)[len(study.methods):])
             announce(f"task {task}: {len(study.methods) + len(study.references)} lines x {len(study.seeds)} seeds")

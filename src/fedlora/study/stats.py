@@ -2,6 +2,9 @@
 Holm's correction across the comparisons of one task, the smallest difference the design can
 detect, accuracy at equal upload, and whether a curve has flattened.
 
+Differences are always ours minus theirs; ``higher_is_better`` says which sign is ahead
+(True for accuracy and Rouge-L, False for a loss).
+
 Seeds pair the runs: within a seed every method had the same split, budgets, held-out
 sample and initial adapter, so the paired difference removes the variation they share.
 """
@@ -25,7 +28,7 @@ class Paired:
     std: float  # sample standard deviation of the paired differences
     half_width: float  # of the two-sided (1 - ALPHA) t interval of the mean (inf for one seed)
     p: float  # two-sided paired t test of "no difference" (1.0 when it cannot be computed)
-    won: int  # seeds where ours is ahead
+    won: int  # seeds where ours is ahead (larger, or smaller for a lower-is-better metric)
     lost: int
 
     @property
@@ -33,12 +36,13 @@ class Paired:
         return self.mean - self.half_width, self.mean + self.half_width
 
 
-def paired(ours: Sequence[float], theirs: Sequence[float]) -> Paired:
+def paired(ours: Sequence[float], theirs: Sequence[float], higher_is_better: bool = True) -> Paired:
     diffs = [a - b for a, b in zip(ours, theirs)]
     n = len(diffs)
     mean = statistics.fmean(diffs)
     std = statistics.stdev(diffs) if n > 1 else 0.0
-    won, lost = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    ahead, behind = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    won, lost = (ahead, behind) if higher_is_better else (behind, ahead)
     if n < 2:
         return Paired(mean, std, math.inf, 1.0, won, lost)
     se = std / math.sqrt(n)
@@ -61,15 +65,22 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def verdict(p: Paired, adjusted_p: float, tie: float) -> str:
+def verdict(p: Paired, adjusted_p: float, tie: float, higher_is_better: bool = True) -> str:
     """win / loss: the adjusted test rejects "no difference" at ALPHA; tie: the whole interval
     lies within ±tie; otherwise inconclusive (the design cannot tell)."""
+    ahead = p.mean > 0 if higher_is_better else p.mean < 0
     if math.isinf(p.half_width):
-        return "one seed: ahead" if p.mean > 0 else "one seed: behind"
+        return "one seed: ahead" if ahead else "one seed: behind"
     if adjusted_p < ALPHA:
-        return "win" if p.mean > 0 else "loss"
+        return "win" if ahead else "loss"
     lo, hi = p.interval
     return "tie" if -tie <= lo and hi <= tie else "inconclusive"
+
+
+def mean_stderr(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error over seeds (nan for a single value: one draw has no spread)."""
+    se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else math.nan
+    return statistics.fmean(xs), se
 
 
 def detectable_difference(std: float, n: int) -> float:
