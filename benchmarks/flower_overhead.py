@@ -15,6 +15,7 @@ the simulation-engine carrier is skipped. ``--quick`` runs 2 rounds (smoke mode 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -73,11 +74,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def flwr_run(ov: list[str], out: Path, work: Path, simulation: bool, workers: bool = False) -> None:
+def flwr_run(ov: list[str], out: Path, work: Path, simulation: bool, workers: bool = False,
+             poll: float | None = None) -> None:
     """SuperLink (+ 3 SuperNodes unless simulating; ``workers``: 3 `fedlora node`s) on loopback, `flwr run`,
     everything killed after."""
     port = free_port()
-    home = work / ("home-sim" if simulation else "home-workers" if workers else "home-dep")
+    home = work / ("home-sim" if simulation else f"home-workers{poll or ''}" if workers else "home-dep")
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "l"\n[superlink.l]\naddress = "127.0.0.1:{port}"\n'
                                       "insecure = true\n")
@@ -85,7 +87,7 @@ def flwr_run(ov: list[str], out: Path, work: Path, simulation: bool, workers: bo
            "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}
     log = (work / f"{home.name}.log").open("w")
 
-    def start(cmd):
+    def start(cmd, env=env):
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     procs = [start([str(BIN / "flower-superlink"), "--insecure", "--isolation", "subprocess", "--port", str(port),
@@ -94,9 +96,11 @@ def flwr_run(ov: list[str], out: Path, work: Path, simulation: bool, workers: bo
     try:
         while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
             time.sleep(0.2)
-        if workers:
-            procs += [start([str(BIN / "fedlora"), "node", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                             "--partition-id", str(i),
+        if workers:  # 3 nodes share this machine's cores: one torch thread each, as if each had its own core
+            # (several threads per process, oversubscribed, made a worker's 30 ms task take up to 0.6 s)
+            start_node = functools.partial(start, env={**env, "OMP_NUM_THREADS": "1"})
+            procs += [start_node([str(BIN / "fedlora"), "node", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                             "--partition-id", str(i), *(["--poll-interval", str(poll)] if poll else []),
                              "--cache-dir", str(home / "cache")]) for i in range(3)]
         elif not simulation:
             procs += [start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
@@ -157,7 +161,9 @@ def main() -> None:
                 ("deploy", "flwr run, SuperLink + 3 SuperNodes (subprocess)",
                  lambda ov, out: flwr_run(ov, out, work, False)),
                 ("workers", "flwr run, SuperLink + 3 fedlora nodes (workers)",
-                 lambda ov, out: flwr_run(ov, out, work, False, workers=True))]
+                 lambda ov, out: flwr_run(ov, out, work, False, workers=True)),
+                ("workers-fast", "flwr run, SuperLink + 3 fedlora nodes, --poll-interval 0.1",
+                 lambda ov, out: flwr_run(ov, out, work, False, workers=True, poll=0.1))]
     wanted = {"sim", *args.carriers.split(",")}
     if "ray" in wanted and importlib.util.find_spec("ray") is None:
         print("Ray is not installed (pip install 'fedlora[flower]'): skipping the simulation engine")

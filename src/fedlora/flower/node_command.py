@@ -46,7 +46,7 @@ class NodeSpec:
     insecure: bool = False
     port: int = 0  # the SuperNode's Runtime API port on 127.0.0.1 (the worker's only peer); 0: a free one
     cache_dir: str = ""  # tokenised-data cache; "": ~/.cache/fedlora/tokens
-    poll_interval: float = 0.5  # the SuperNode's idle wait between asking the SuperLink for work (Flower: 3 s)
+    poll_interval: float = 0.2  # the SuperNode's idle wait between asking the SuperLink for work (Flower: 3 s)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure", action="store_true", help="no TLS (a trial on a trusted network only)")
     p.add_argument("--port", type=int, default=0, help="the SuperNode's Runtime API port on 127.0.0.1, which only "
                    "the worker uses (default: a free one)")
-    p.add_argument("--poll-interval", type=float, default=0.5, metavar="S",
+    p.add_argument("--poll-interval", type=float, default=0.2, metavar="S",
                    help="seconds an idle node waits before asking the SuperLink for work again (default: "
                    "%(default)s; Flower's own SuperNode waits 3 s, which a small job's every round pays)")
     p.add_argument("--cache-dir", default="", help="tokenised-data cache (default: ~/.cache/fedlora/tokens)")

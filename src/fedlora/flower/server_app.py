@@ -40,6 +40,7 @@ from .collect import Strikes, Wait, collect
 from .coordinator import count_declared, never_contributed, round_line, server_experiment
 from .registry import ClientRegistry, Refuse, load_registry
 from .run_config import ServerSettings, config_from_run_config, example_cap, server_settings
+from .supernode_launch import quicker_pulls
 
 log = logging.getLogger("fedlora.flower")
 app = ServerApp()
@@ -258,6 +259,9 @@ def report(out, rounds: int) -> None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from flwr.superlink.grid import http_grid
+
+    quicker_pulls(http_grid, 0.5)  # replies: pulled as soon as their content is in, not 1 s later
     try:
         summary = serve(grid, context.run_config)
     except Exception as e:

@@ -5,7 +5,7 @@ Flower 1.41's SuperNode sleeps a fixed 3 s whenever it asks the SuperLink for wo
 it was offered has not reached the SuperLink yet. The next round's message therefore waits seconds on
 every node, every round: more than a whole round of a small job. ``fedlora node --poll-interval``
 caps all three waits (each idle node then asks the SuperLink every ``POLL_S`` seconds, so keep it
-≥ 0.5 s for federations of many nodes). Only the SuperNode loop's own module is touched; on another
+≥ 1 s for federations of hundreds of nodes). Only the SuperNode loop's own module is touched; on another
 Flower than 1.41 nothing is patched and a warning says so.
 """
 
@@ -26,18 +26,27 @@ def capped_time(cap: float) -> types.SimpleNamespace:
     return clock
 
 
-def patch(cap: float) -> bool:
-    """Cap the SuperNode loop's waits at ``cap`` seconds; False (nothing patched) on another Flower."""
+def quicker_pulls(module: types.ModuleType, cap: float) -> bool:
+    """Make ``module``'s object pulls retry an object that is not there yet after 0.05 s, doubling up to ``cap``
+    seconds (Flower: 1 s doubling up to 10 s). A message is visible before its content has arrived, so its
+    receiver's first try often misses. False (nothing patched) on another Flower or a module patched already."""
     import flwr
     from flwr.supercore.inflatable.inflatable_utils import pull_objects
+
+    if not flwr.__version__.startswith(PATCHED_FLOWER) or getattr(module, "pull_objects", None) is not pull_objects:
+        return False
+    module.pull_objects = functools.partial(pull_objects, initial_backoff=min(0.05, cap), backoff_cap=cap,
+                                            max_tries_per_object=None)  # PULL_MAX_TIME (2 h) still bounds it
+    return True
+
+
+def patch(cap: float) -> bool:
+    """Cap the SuperNode loop's waits at ``cap`` seconds; False (nothing patched) on another Flower."""
     from flwr.supernode import start_client_internal as loop
 
-    if (not flwr.__version__.startswith(PATCHED_FLOWER) or getattr(loop, "time", None) is not time
-            or getattr(loop, "pull_objects", None) is not pull_objects):
+    if getattr(loop, "time", None) is not time or not quicker_pulls(loop, cap):
         return False
     loop.time = capped_time(cap)
-    loop.pull_objects = functools.partial(pull_objects, initial_backoff=min(0.05, cap), backoff_cap=cap,
-                                          max_tries_per_object=None)  # PULL_MAX_TIME (2 h) still bounds it
     return True
 
 
