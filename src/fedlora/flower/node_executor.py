@@ -181,7 +181,7 @@ def fail_orphan(address: str, held: dict) -> str:
     return f"{metadata.message_type} (run {metadata.run_id}) left by the previous worker: failed"
 
 
-def serve_tasks(address: str, secret: bytes, app: ClientApp, task_file: Path, poll_s: float = 0.05,
+def serve_tasks(address: str, secret: bytes, app: ClientApp, task_file: Path, poll_s: float = 0.1,
                 say: Callable[[str], None] = print, stop: threading.Event | None = None) -> None:
     """Acquire and answer the node's tasks one at a time until ``stop`` is set (None: forever). The token of
     the task in hand is kept in ``task_file`` (for the next worker, should this one die); a SuperNode not

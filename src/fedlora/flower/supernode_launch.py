@@ -19,10 +19,14 @@ import types
 PATCHED_FLOWER = "1.41."  # the release whose SuperNode loop this was read from
 
 
+LOCAL_WAIT = 0.02  # the loop's sub-second sleeps poll its own in-memory state (a reply to push): cheap
+
+
 def capped_time(cap: float) -> types.SimpleNamespace:
-    """The ``time`` module, except that ``sleep`` never waits longer than ``cap`` seconds."""
+    """The ``time`` module, except that ``sleep`` never waits longer than ``cap`` seconds (its idle wait for
+    the SuperLink) or, for a sub-second sleep (a wait on local state), ``LOCAL_WAIT``."""
     clock = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("__")})
-    clock.sleep = lambda seconds: time.sleep(min(seconds, cap))
+    clock.sleep = lambda seconds: time.sleep(min(seconds, cap if seconds >= 1 else min(cap, LOCAL_WAIT)))
     return clock
 
 
