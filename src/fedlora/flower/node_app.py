@@ -1,10 +1,12 @@
 """The ClientApp Flower runs for every message on a node (the app's ``clientapp`` component).
 
 Light on purpose: it imports Flower and the worker channel, never torch. With node-config
-``worker`` (``fedlora node`` sets it) the mod hands each message to the node's long-running
-worker, so a message costs a Python process with Flower, not a reload of torch, the model and
-the data; without a worker, each message type is handled by :mod:`.client_app` in this
-process, as before. Every message type the full ClientApp answers is registered here too.
+``worker`` (a SuperNode in ``--isolation subprocess`` beside ``python -m fedlora.flower.worker
+--socket``) the mod hands each message to the node's long-running worker, so a message costs a
+Python process with Flower, not a reload of torch, the model and the data; without a worker,
+each message type is handled by :mod:`.client_app` in this process, as before. (``fedlora node``
+needs neither: its worker is the SuperNode's task executor, :mod:`.node_executor`.) Every
+message type the full ClientApp answers is registered here too.
 """
 
 from __future__ import annotations
