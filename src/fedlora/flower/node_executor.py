@@ -120,11 +120,6 @@ def fedlora_app(fab_content: bytes) -> str:
     return ref
 
 
-def _reply(client: RuntimeHttpClient, context: Context, reply: Message, status: str, details: str) -> None:
-    push_message(client, reply, context)
-    push_task_output(client, context, status, details)
-
-
 def run_task(address: str, token: str, app: ClientApp, say: Callable[[str], None] = print,
              task_file: Path | None = None) -> str:
     """Pull one task, answer it with ``app`` in this process, push the reply and the node's context back;
@@ -152,7 +147,8 @@ def run_task(address: str, token: str, app: ClientApp, say: Callable[[str], None
         t2 = time.perf_counter()
         if cancelled.is_set():
             return f"{what}: cancelled by the SuperNode"
-        _reply(client, context, reply, status, details)
+        push_message(client, reply, context)
+        push_task_output(client, context, status, details)
         return (f"{what}" + (f" failed: {details}" if details else "") +
                 f" (pull {t1 - t0:.2f} s, answer {t2 - t1:.2f} s, push {time.perf_counter() - t2:.2f} s)")
     finally:
