@@ -15,7 +15,7 @@ from ..compare import SUMMARY, run_dir
 from ..runner import eval_curve
 from .metric import LOSS, ROUGE_L, Metric
 from .plots import plot_curves
-from .runner import MethodResult, task_dir, task_results
+from .runner import MethodResult, task_dir
 from .section import (
     TOTAL,
     Comparison,
@@ -27,6 +27,7 @@ from .section import (
     rel,
     same_clients,
     table,
+    task_runs,
 )
 from .spec import Study
 from .stats import POWER, mean_stderr
@@ -34,11 +35,8 @@ from .stats import POWER, mean_stderr
 
 def lm_task_section(study: Study, out: Path, task: str, img: Path) -> tuple[list[str], list[str]]:
     """The task's Markdown lines and its verdict lines (on the answer loss) for the summary."""
-    d = task_dir(out, task)
-    results = task_results(study, out, task)
-    refs = task_results(study, out, task, study.references) if study.references else []
-    ours = next(r for r in results if r.method == study.reference)
-    runs = {m: [run_dir(d, m, s) for s in study.seeds] for m in study.methods}
+    t = task_runs(study, out, task)
+    d, results, refs, ours, runs = t.folder, t.results, t.refs, t.ours, t.runs
     generated = all(r.rouge_l is not None for r in results)  # eval.generate_examples > 0
     metrics = [LOSS, ROUGE_L] if generated else [LOSS]
     figures = []

@@ -16,11 +16,30 @@ from ..compare import mean_std, run_dir
 from ..errors import ConfigError
 from ..strategies import METHODS
 from .metric import ACCURACY, Metric
-from .runner import MethodResult, task_dir
+from .runner import MethodResult, task_dir, task_results
 from .spec import Study
 from .stats import ALPHA, POWER, Paired, detectable_difference, holm, late_gain, paired, verdict
 
 TOTAL = "total MB (up + down) / client / round"  # download is a cost too (FLoRA, Fed-PLoRA, the folds pay there)
+
+
+@dataclass(frozen=True)
+class TaskRuns:
+    """What a task's section reads: its run directories and every method's and reference line's results."""
+
+    folder: Path
+    results: list[MethodResult]
+    refs: list[MethodResult]  # the reference lines (centralised, local), if the study has them
+    ours: MethodResult  # the study's reference method
+    runs: dict[str, list[Path]]  # method -> its run directory per seed
+
+
+def task_runs(study: Study, out: Path, task: str) -> TaskRuns:
+    d = task_dir(out, task)
+    results = task_results(study, out, task)
+    refs = task_results(study, out, task, study.references) if study.references else []
+    return TaskRuns(d, results, refs, next(r for r in results if r.method == study.reference),
+                    {m: [run_dir(d, m, s) for s in study.seeds] for m in study.methods})
 
 
 @dataclass(frozen=True)

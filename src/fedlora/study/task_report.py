@@ -15,19 +15,26 @@ from ..compare import SUMMARY, mean_std, run_dir
 from ..runner import eval_curve
 from .metric import ACCURACY
 from .plots import plot_curves
-from .runner import task_dir, task_results
-from .section import TOTAL, compare_with_reference, flattening, power, reference_note, rel, same_clients, table
+from .runner import task_dir
+from .section import (
+    TOTAL,
+    compare_with_reference,
+    flattening,
+    power,
+    reference_note,
+    rel,
+    same_clients,
+    table,
+    task_runs,
+)
 from .spec import Study
 from .stats import at_upload
 
 
 def task_section(study: Study, out: Path, task: str, img: Path) -> tuple[list[str], list[str]]:
     """The task's Markdown lines and its verdict lines for the summary."""
-    d = task_dir(out, task)
-    results = task_results(study, out, task)
-    refs = task_results(study, out, task, study.references) if study.references else []
-    ours = next(r for r in results if r.method == study.reference)
-    runs = {m: [run_dir(d, m, s) for s in study.seeds] for m in study.methods}
+    t = task_runs(study, out, task)
+    d, results, refs, ours, runs = t.folder, t.results, t.refs, t.ours, t.runs
     plot_curves(runs, study.seeds, d, lines={r.method: r.mean for r in refs})
     for png in ("accuracy_vs_round.png", "accuracy_vs_upload.png"):  # redrawn from the runs, like the tables
         shutil.copyfile(d / png, img / f"{task}_{png}")
