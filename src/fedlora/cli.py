@@ -62,6 +62,12 @@ def _csv(text: str, kind=str) -> list:
         raise ConfigError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
 
 
+def _jobs_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs at a time, each in its own process with its share of the CPU threads (default: "
+                        "%(default)s; 2 on 2 cores finishes about 1.3x sooner; results equal to float rounding)")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
@@ -69,7 +75,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     methods = _csv(args.methods)
     cfg = load_config(path or default_config_path(), overrides, methods=set(methods))
     out = Path(args.out or cfg.output_dir or "runs/compare")
-    report = compare(cfg, methods, _csv(args.seeds, int), out, progress=not args.quiet)
+    report = compare(cfg, methods, _csv(args.seeds, int), out, progress=not args.quiet, jobs=args.jobs)
     print(report.read_text())
     print(f"table, CSV and plots in {out}")
     return 0
@@ -83,7 +89,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     study = load_study(args.study)
     out = Path(args.out)
     if not args.report_only:
-        run_study(study, out, progress=not args.quiet)
+        run_study(study, out, progress=not args.quiet, jobs=args.jobs)
     report = write_report(study, out, Path(args.report))
     print(report.read_text())
     print(f"report in {report}, runs in {out}")
@@ -177,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated method names (default: every registered method: %(default)s)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
+    _jobs_option(p)
 
     p = _command(sub, "study", cmd_study, "the accuracy study: every method, tasks x seeds, LR sweep, ablations",
                  "Run a study file (tasks, methods, seeds, one learning-rate sweep for every "
@@ -187,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="study TOML file (default: %(default)s)")
     p.add_argument("--report", default="docs/results.md", help="Markdown report to write (default: %(default)s)")
     p.add_argument("--report-only", action="store_true", help="only regenerate the report from finished runs")
+    _jobs_option(p)
 
     p = _command(sub, "plan", cmd_plan, "the largest LoRA rank each device can afford",
                  "From the model's real parameter sizes (built on the meta device) and a "

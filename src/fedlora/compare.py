@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import json
 import statistics
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from .errors import ConfigError
 from .models import resolve_targets
 from .outdir import changed_settings
 from .outputs import LABELS
-from .runner import SUMMARY, read_metrics, run
-from .simulate import simulate_round
+from .run_pool import PendingRun, check_jobs, execute
+from .runner import SUMMARY, read_metrics
 from .strategies import METHODS
 from .study.plots import plot_curves, plot_diagnostics
 
@@ -33,12 +32,20 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
 
 
 def compare(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path,
-            progress: bool = True, lrs: Mapping[str, float] | None = None) -> Path:
-    """Run what is missing, then write the report; return the path of results.md.
+            progress: bool = True, lrs: Mapping[str, float] | None = None, jobs: int = 1) -> Path:
+    """Run what is missing (``jobs`` at a time), then write the report; return the path of results.md.
 
     ``lrs`` gives a method its own learning rate (e.g. from a sweep); the others use
     ``cfg.train.lr``.
     """
+    check_jobs(jobs)  # before any directory is made
+    execute(pending_runs(cfg, methods, seeds, out, lrs), jobs, progress)
+    return write_report(out, methods, seeds)
+
+
+def pending_runs(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path,
+                 lrs: Mapping[str, float] | None = None) -> list[PendingRun]:
+    """The (method, seed) runs of a comparison that are not finished in ``out``; a started one resumes."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
@@ -46,6 +53,7 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path,
         raise ConfigError("--methods and --seeds need at least one entry each")
     out.mkdir(parents=True, exist_ok=True)
     cfg.model.targets = resolve_targets(cfg.model)  # as each run's config.toml records them
+    pending = []
     for seed in seeds:
         for method in methods:
             d = run_dir(out, method, seed)
@@ -61,13 +69,9 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], out: Path,
                     key, there, now = changed[0]
                     raise ConfigError(f"{d} holds a run with a different {key} ({there!r} there, {now!r} now); "
                                       "choose another --out, or delete that directory to rerun it")
-            if (d / SUMMARY).exists():
-                continue
-            if progress:
-                print(f"compare: {method}, seed {seed} -> {d}" + (" (resuming)" if started else ""),
-                      file=sys.stderr, flush=True)
-            run(one, simulate_round, overwrite=not started, resume=started, progress=progress)
-    return write_report(out, methods, seeds)
+            if not (d / SUMMARY).exists():
+                pending.append(PendingRun(one, f"{method}, seed {seed}", resume=started))
+    return pending
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:

@@ -116,6 +116,8 @@ def _cost(study: Study, out: Path) -> str:
         n = timing.get("invocations", 1)
         cost += (f"; the {'invocation' if n == 1 else f'{n} invocations'} of the study command that ran "
                  f"them took {timing['elapsed_s'] / 60:.1f} min wall in all on this machine")
+        if timing.get("max_jobs", 1) > 1:
+            cost += f", up to {timing['max_jobs']} runs at a time (`--jobs`)"
     return cost
 
 

@@ -19,14 +19,15 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..compare import SUMMARY, compare, run_dir
+from ..compare import SUMMARY, pending_runs, run_dir
+from ..compare import write_report as write_compare_report
 from ..config import RunConfig, read_toml
+from ..run_pool import PendingRun, check_jobs, execute
 from ..runner import NO_ROUND_AGGREGATED, read_metrics
 from .metric import ROUGE_L, Metric, best_rate, headline, is_generative
-from .references import run_reference
 from .spec import Ablation, Study, Variant
 
 TIMING = "study_time.json"
@@ -147,64 +148,92 @@ def ablation_values(study: Study, out: Path, a: Ablation) -> list[list[float]]:
 
 
 def read_timing(out: Path) -> dict | None:
-    """``study_time.json``: elapsed_s, runs and invocations summed over the study's invocations."""
+    """``study_time.json``: elapsed_s, runs and invocations summed over the study's invocations, and the most
+    runs one of them ran at a time (max_jobs)."""
     return json.loads((out / TIMING).read_text()) if (out / TIMING).exists() else None
 
 
 # -- running what is missing -----------------------------------------------------------
 
-def run_entries(study: Study, cfg: RunConfig, seeds: list[int], out: Path, lrs: dict[str, float],
-                progress: bool, references: list[str]) -> None:
-    """Every method (through ``fedlora compare``) and the given reference lines of one task's config."""
-    compare(cfg, study.methods, seeds, out, progress, lrs=lrs)
-    for ref in references:
-        for seed in seeds:
-            train = dataclasses.replace(cfg.train, lr=lrs.get(ref, cfg.train.lr))
-            one = dataclasses.replace(cfg, seed=seed, train=train, output_dir=str(run_dir(out, ref, seed)))
-            if progress:
-                print(f"study: reference {ref}, seed {seed} -> {one.output_dir}", file=sys.stderr, flush=True)
-            run_reference(ref, one, progress)
+@dataclass
+class Phase:
+    """Runs that can go side by side (none needs another's result), and the comparison directories
+    whose ``results.md`` they complete."""
+
+    runs: list[PendingRun] = field(default_factory=list)
+    reports: list[tuple[Path, list[str], list[int]]] = field(default_factory=list)
+
+    def add_methods(self, cfg: RunConfig, methods: list[str], seeds: list[int], out: Path,
+                    lrs: dict[str, float]) -> None:
+        self.runs += pending_runs(cfg, methods, seeds, out, lrs)
+        self.reports.append((out, methods, seeds))
+
+    def add_references(self, cfg: RunConfig, references: list[str], seeds: list[int], out: Path,
+                       lrs: dict[str, float]) -> None:
+        for ref in references:
+            for seed in seeds:
+                train = dataclasses.replace(cfg.train, lr=lrs.get(ref, cfg.train.lr))
+                one = dataclasses.replace(cfg, seed=seed, train=train, output_dir=str(run_dir(out, ref, seed)))
+                if not (run_dir(out, ref, seed) / SUMMARY).exists():
+                    self.runs.append(PendingRun(one, f"reference {ref}, seed {seed}", reference=ref))
+
+    def run(self, jobs: int, progress: bool) -> None:
+        execute(self.runs, jobs, progress)
+        for out, methods, seeds in self.reports:  # each directory's own `fedlora compare` table
+            write_compare_report(out, methods, seeds)
 
 
-def run_study(study: Study, out: Path, progress: bool = True) -> None:
-    """Run whatever is missing."""
+def sweep_phase(study: Study, out: Path) -> Phase:
+    """Every rate of the sweep, for every method and swept reference on every task."""
+    phase = Phase()
+    for task in study.tasks if study.sweep is not None else []:
+        for lr in study.sweep.lrs:
+            cfg = study.task_config(task)
+            over = [f"train.lr={lr}", f"federation.eval_every={cfg.federation.rounds}"]  # only the final
+            if is_generative(cfg):  # the sweep ranks by answer loss: generating would only cost time
+                over.append("eval.generate_examples=0")
+            cfg, d = study.task_config(task, over), sweep_dir(out, task, lr)
+            phase.add_methods(cfg, study.methods, [study.sweep.seed], d, {})
+            phase.add_references(cfg, swept(study)[len(study.methods):], [study.sweep.seed], d, {})
+    return phase
+
+
+def main_phase(study: Study, out: Path) -> Phase:
+    """Every method and reference line on every task and seed, and every ablation variant, each at the
+    rate the sweep chose (needs the sweep finished)."""
+    phase = Phase()
+    for task in study.tasks:
+        cfg, lrs, d = study.task_config(task), chosen_lrs(study, out, task), task_dir(out, task)
+        phase.add_methods(cfg, study.methods, study.seeds, d, lrs)
+        phase.add_references(cfg, study.references, study.seeds, d, lrs)
+    for a in study.ablation:
+        for v in a.variants:
+            phase.add_methods(study.task_config(a.task, v.overrides), [a.method], study.seeds,
+                              variant_dir(out, a, v), chosen_lrs(study, out, a.task))
+    return phase
+
+
+def run_study(study: Study, out: Path, progress: bool = True, jobs: int = 1) -> None:
+    """Run whatever is missing, ``jobs`` runs at a time: first the sweep, then everything else."""
+    check_jobs(jobs)
     start = time.perf_counter()
     todo = len(missing_runs(study, out))
-    lrs_grid = study.sweep.lrs if study.sweep is not None else []
-    steps = len(study.tasks) * (len(lrs_grid) + 1) + sum(len(a.variants) for a in study.ablation)
-    step = 0
-
-    def announce(what: str) -> None:
-        nonlocal step
-        step += 1
-        if progress:
-            print(f"study [{step}/{steps}] {what}", file=sys.stderr, flush=True)
-
     if progress:
         print(f"study: {todo} of {len(expected_runs(study, out))} runs to do -> {out}", file=sys.stderr, flush=True)
     try:
-        for task in study.tasks:
-            for lr in lrs_grid:
-                announce(f"sweep lr={lr:g} on {task}, seed {study.sweep.seed}")
-                cfg = study.task_config(task)
-                over = [f"train.lr={lr}", f"federation.eval_every={cfg.federation.rounds}"]  # only the final
-                if is_generative(cfg):  # the sweep ranks by answer loss: generating would only cost time
-                    over.append("eval.generate_examples=0")
-                run_entries(study, study.task_config(task, over), [study.sweep.seed],
-                            sweep_dir(out, task, lr), {}, progress, swept(study)[len(study.methods):])
-            announce(f"task {task}: {len(study.methods) + len(study.references)} lines x {len(study.seeds)} seeds")
-            run_entries(study, study.task_config(task), study.seeds, task_dir(out, task),
-                        chosen_lrs(study, out, task), progress, study.references)
-        for a in study.ablation:
-            for v in a.variants:
-                announce(f"ablation {a.name}: {v.label}")
-                cfg = study.task_config(a.task, v.overrides)
-                compare(cfg, [a.method], study.seeds, variant_dir(out, a, v), progress,
-                        lrs=chosen_lrs(study, out, a.task))
+        sweep = sweep_phase(study, out)
+        if progress and sweep.runs:
+            print(f"study: the learning-rate sweep, {len(sweep.runs)} runs", file=sys.stderr, flush=True)
+        sweep.run(jobs, progress)
+        rest = main_phase(study, out)
+        if progress and rest.runs:
+            print(f"study: tasks x seeds and ablations, {len(rest.runs)} runs", file=sys.stderr, flush=True)
+        rest.run(jobs, progress)
     finally:  # the wall time of every invocation that did work adds up (also when one is interrupted)
         ran = todo - len(missing_runs(study, out))
         if ran:
             timing = read_timing(out) or {}
             timing = {"elapsed_s": timing.get("elapsed_s", 0.0) + time.perf_counter() - start,
-                      "runs": timing.get("runs", 0) + ran, "invocations": timing.get("invocations", 0) + 1}
+                      "runs": timing.get("runs", 0) + ran, "invocations": timing.get("invocations", 0) + 1,
+                      "max_jobs": max(timing.get("max_jobs", 1), jobs)}
             (out / TIMING).write_text(json.dumps(timing) + "\n")

@@ -1,0 +1,52 @@
+"""`--jobs`: runs side by side in worker processes give the one-job results, and a failure stops them."""
+
+import json
+
+import pytest
+
+from fedlora.cli import main
+from fedlora.config import load_config
+from fedlora.errors import ConfigError
+from fedlora.outdir import output_lock
+from fedlora.run_pool import PendingRun, execute
+
+from .conftest import tiny_overrides
+
+
+def _finals(out, names):
+    return {n: json.loads((out / f"{n}-seed0" / "summary.json").read_text()) for n in names}
+
+
+def test_two_jobs_give_the_one_job_results(tiny_bert_dir, tmp_path, capsys):
+    methods = ["fslora", "flexlora"]
+    finals = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        args = ["compare", *tiny_overrides(tiny_bert_dir, out), "--methods", ",".join(methods), "--seeds", "0",
+                "--out", str(out), "--jobs", str(jobs)]
+        assert main(args) == 0
+        finals[jobs] = _finals(out, methods)
+        assert (out / "results.md").is_file()
+    err = capsys.readouterr().err
+    assert "2 runs, 2 at a time" in err and "run [2/2] done" in err
+    for m in methods:  # one thread against two sum in another order: equal to float rounding
+        one, two = finals[1][m], finals[2][m]
+        assert two["final_accuracy"] == pytest.approx(one["final_accuracy"], abs=1 / 60)
+        assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4)
+
+
+def test_a_failing_run_raises_its_error_and_the_rest_do_not_start(tiny_bert_dir, tmp_path):
+    runs = [PendingRun(load_config(None, tiny_overrides(tiny_bert_dir, tmp_path / name)), name)
+            for name in ("busy", "good", "later0", "later1", "later2", "later3")]
+    with output_lock(tmp_path / "busy"):  # the first run fails at once: its directory is in use
+        with pytest.raises(ConfigError, match="is in use by another run"):
+            execute(runs, jobs=2, progress=False)
+    finished = [p.label for p in runs if (tmp_path / p.label / "summary.json").exists()]
+    assert finished == ["good"]  # the run going beside it finished; none started after the failure
+
+
+@pytest.mark.parametrize("command", ["compare", "study"])
+def test_jobs_below_one_is_one_line(command, capsys):
+    assert main([command, "--jobs", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--jobs: must be at least 1, got 0") and "\n" not in err
