@@ -19,6 +19,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +60,8 @@ def expected_runs(study: Study, out: Path) -> list[Path]:
         dirs += [run_dir(sweep_dir(out, t, lr), m, study.sweep.seed) for t in study.tasks for lr in study.sweep.lrs
                  for m in swept(study)]
     dirs += [run_dir(task_dir(out, t), m, s) for t in study.tasks for s in study.seeds for m in entries]
-    dirs += [run_dir(variant_dir(out, a, v), a.method, s) for a in study.ablation for v in a.variants
-             for s in study.seeds]
+    dirs += [run_dir(variant_dir(out, a, v), m, s) for a in study.ablation for v in a.variants
+             for s in study.seeds for m in a.methods]
     return dirs
 
 
@@ -139,11 +140,12 @@ def task_results(study: Study, out: Path, task: str, names: list[str] | None = N
     return rows
 
 
-def ablation_values(study: Study, out: Path, a: Ablation) -> list[list[float]]:
-    """Per variant, every seed's final headline metric of the ablation's task."""
+def ablation_values(study: Study, out: Path, a: Ablation) -> dict[str, list[list[float]]]:
+    """Method (in ``a.methods`` order) -> per variant -> every seed's final headline metric of the
+    ablation's task (seeds in ``study.seeds`` order, so the methods pair seed by seed)."""
     metric = task_metric(study, a.task)
-    return [[final_value(run_dir(variant_dir(out, a, v), a.method, s), metric) for s in study.seeds]
-            for v in a.variants]
+    return {m: [[final_value(run_dir(variant_dir(out, a, v), m, s), metric) for s in study.seeds]
+                for v in a.variants] for m in a.methods}
 
 
 def read_timing(out: Path) -> dict | None:
@@ -152,6 +154,17 @@ def read_timing(out: Path) -> dict | None:
 
 
 # -- running what is missing -----------------------------------------------------------
+
+def final_only(study: Study, task: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """``task``'s config with ``overrides``, evaluated only after the last round, for the runs of which
+    the study keeps only the final headline metric (sweeps, ablations): evaluation is about a third of
+    a run's time. A generative task's answer loss does not need generations, so these runs skip them."""
+    cfg = study.task_config(task, overrides)
+    final = [*overrides, f"federation.eval_every={cfg.federation.rounds}"]
+    if is_generative(cfg):
+        final.append("eval.generate_examples=0")
+    return study.task_config(task, final)
+
 
 def run_entries(study: Study, cfg: RunConfig, seeds: list[int], out: Path, lrs: dict[str, float],
                 progress: bool, references: list[str]) -> None:
@@ -186,21 +199,17 @@ def run_study(study: Study, out: Path, progress: bool = True) -> None:
         for task in study.tasks:
             for lr in lrs_grid:
                 announce(f"sweep lr={lr:g} on {task}, seed {study.sweep.seed}")
-                cfg = study.task_config(task)
-                over = [f"train.lr={lr}", f"federation.eval_every={cfg.federation.rounds}"]  # only the final
-                if is_generative(cfg):  # the sweep ranks by answer loss: generating would only cost time
-                    over.append("eval.generate_examples=0")
-                run_entries(study, study.task_config(task, over), [study.sweep.seed],
+                run_entries(study, final_only(study, task, [f"train.lr={lr}"]), [study.sweep.seed],
                             sweep_dir(out, task, lr), {}, progress, swept(study)[len(study.methods):])
             announce(f"task {task}: {len(study.methods) + len(study.references)} lines x {len(study.seeds)} seeds")
             run_entries(study, study.task_config(task), study.seeds, task_dir(out, task),
                         chosen_lrs(study, out, task), progress, study.references)
         for a in study.ablation:
+            lrs = chosen_lrs(study, out, a.task)
             for v in a.variants:
-                announce(f"ablation {a.name}: {v.label}")
-                cfg = study.task_config(a.task, v.overrides)
-                compare(cfg, [a.method], study.seeds, variant_dir(out, a, v), progress,
-                        lrs=chosen_lrs(study, out, a.task))
+                announce(f"ablation {a.name}: {v.label} ({', '.join(a.methods)} x {len(study.seeds)} seeds)")
+                compare(final_only(study, a.task, v.overrides), a.methods, study.seeds, variant_dir(out, a, v),
+                        progress, lrs=lrs)
     finally:  # the wall time of every invocation that did work adds up (also when one is interrupted)
         ran = todo - len(missing_runs(study, out))
         if ran:
