@@ -1,18 +1,21 @@
 """`fedlora study` on a tiny configuration: sweep, tasks x seeds, ablations, report, resume."""
 
 import json
+import math
 import re
+import statistics
 from pathlib import Path
 
 import pytest
+from scipy import stats as sps
 
 from fedlora.cli import main
 from fedlora.compare import run_dir
-from fedlora.config import ConfigError
+from fedlora.config import ConfigError, read_toml
 from fedlora.strategies import METHODS
 from fedlora.study.metric import ACCURACY, LOSS
 from fedlora.study.report import method_lines
-from fedlora.study.runner import chosen_lrs, sweep_dir, task_dir, task_metric
+from fedlora.study.runner import chosen_lrs, final_only, sweep_dir, task_dir, task_metric, variant_dir
 from fedlora.study.spec import Study, load_study
 
 from .conftest import tiny_overrides
@@ -38,7 +41,7 @@ lrs = [1e-2, 5e-2]
 name = "ratio"
 title = "k of r = 8"
 task = "alpha"
-method = "fslora"
+methods = ["fslora", "fedit"]
 x_label = "k"
 variants = [{ label = "2", set = ["budgets.ranks=[2]"] }, { label = "8", set = ["budgets.ranks=[8]"] }]
 """
@@ -57,6 +60,28 @@ def total_mb_per_client_round(run: Path) -> float:
     rounds = [r for r in rows if r.get("clients")]
     assert len({r["clients"] for r in rounds}) == 1  # else the per-round mean differs from this formula
     return sum(r["bytes_up"] + r["bytes_down"] for r in rounds) / rounds[0]["clients"] / len(rounds) / 1e6
+
+
+def assert_ablation_table_holds_the_runs(study: Study, out: Path, md: str) -> None:
+    """The ablation's table: each method's mean ± std and fedit − fslora paired over the seeds (mean and its
+    t interval), recomputed from the runs' summary.json; every run evaluated only after its last round."""
+    a = study.ablation[0]
+    section = md.split("### k of r = 8 (`fslora`, `fedit`; task `alpha`)")[1].split("\n## ")[0]
+    for v in a.variants:
+        runs = {m: [run_dir(variant_dir(out, a, v), m, s) for s in study.seeds] for m in a.methods}
+        accs = {m: [json.loads((d / "summary.json").read_text())["final_accuracy"] for d in ds]
+                for m, ds in runs.items()}
+        cells = row_cells(section, v.label)
+        for m, xs in accs.items():
+            assert cells[f"`{m}` accuracy mean ± std"] == f"{statistics.fmean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+        diffs = [b - f for f, b in zip(accs["fslora"], accs["fedit"])]
+        mean, half = statistics.fmean(diffs), sps.t.ppf(0.975, 1) * (statistics.stdev(diffs) / math.sqrt(2))
+        assert cells["`fedit` − `fslora`: mean [95% CI]"] == f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
+        assert cells["settings"] == f"`{' '.join(v.set)}`"
+        for d in runs["fslora"] + runs["fedit"]:
+            federation = read_toml(d / "config.toml")["federation"]
+            assert federation["eval_every"] == federation["rounds"] == 2  # the report reads only final values
+    assert "Differences: method − `fslora`, paired seed by seed, with the 95% t interval" in section
 
 
 def _toml(overrides: list[str]) -> str:
@@ -125,11 +150,12 @@ def test_study_runs_everything_and_writes_a_well_formed_report(tiny_study, tmp_p
     # with two rates every choice is at an edge of the grid: the report says the grid may be too narrow
     assert md.count(" (edge) |") == 2 * (len(entries) - 1)
     assert md.count("`alpha` vs `") == 2 and md.count("`beta` vs `") == 2
-    assert "### k of r = 8" in md and "`budgets.ranks=[2]`" in md
+    assert_ablation_table_holds_the_runs(study, out, md)
     for png in ["alpha_accuracy_vs_round.png", "beta_accuracy_vs_upload.png", "ablation_ratio.png"]:
         path = report.parent / "img" / "results" / png
         assert path.stat().st_size > 1000 and f"img/results/{png}" in md
-    assert "**Cost:** 40 runs" in md  # sweeps 2 tasks x 2 rates x 4 lines + tasks 2 x 2 seeds x 5 + ablation 2 x 2
+    # sweeps 2 tasks x 2 rates x 4 lines + tasks 2 x 2 seeds x 5 lines + ablation 2 variants x 2 seeds x 2 methods
+    assert "**Cost:** 44 runs" in md
     for table in re.findall(r"(?:^\|.*\|\n)+", md, re.M):  # every row has its header's columns
         widths = {line.count("|") for line in table.splitlines()}
         assert len(widths) == 1, table
@@ -184,10 +210,19 @@ def test_a_finished_run_of_another_setup_is_not_mixed_in(tiny_study, tmp_path, c
     (('seeds = [0, 1]', 'seeds = [0, 0]'), "study.toml: seeds: repeated entries in [0, 0]"),
     (('lrs = [1e-2, 5e-2]', 'lrs = []'), "study.toml: sweep.lrs: needs positive learning rates"),
     (('lrs = [1e-2, 5e-2]', 'lrs = [1e-2, 0]'), "study.toml: sweep.lrs: needs positive learning rates"),
-    (('method = "fslora"', 'method = "nope"'), "study.toml: ablation[0].method: unknown method 'nope'"),
+    (('"fslora", "fedit"]', '"fslora", "nope"]'), "study.toml: ablation[0].methods[1]: unknown method 'nope'"),
+    (('"fslora", "fedit"]', '"fslora", "ffa"]'),
+     "study.toml: ablation[0].methods: 'ffa' is not one of the study's methods (fslora, flexlora, fedit), so the "
+     "sweep gives it no rate"),
+    (('"fslora", "fedit"]', '"fslora", "fslora"]'),
+     "study.toml: ablation[0].methods: repeated entries in ['fslora', 'fslora']"),
+    (('["fslora", "fedit"]', '[]'), "study.toml: ablation[0].methods: needs at least one method"),
+    (('methods = ["fslora", "fedit"]', 'method = "fslora"'),
+     'study.toml: ablation[0].method: an ablation now compares several methods: write methods = ["fslora"]'),
     (('{ label = "8"', '{ label = "2"'), "study.toml: ablation[0].variants: repeated name '2'"),
-    (('"fedit"]', '"nope"]'), "study.toml: methods[2]: unknown method 'nope'"),
-    (('"fedit"]', '"fedit"]\nreference = "ffa"'), "study.toml: reference: 'ffa' is not one of the methods"),
+    (('"flexlora", "fedit"]', '"flexlora", "nope"]'), "study.toml: methods[2]: unknown method 'nope'"),
+    (('"flexlora", "fedit"]', '"flexlora", "fedit"]\nreference = "ffa"'),
+     "study.toml: reference: 'ffa' is not one of the methods"),
     (('name = "beta"', 'name = "alpha"'), "study.toml: task: repeated name 'alpha'"),
     (('seed = 7', 'seed = 7.5'), "study.toml: sweep.seed: expected int, got 7.5"),
     (('config = "tiny_iid.toml"\n', ''), "study.toml: missing config key 'task[1].config'"),
@@ -206,6 +241,14 @@ def test_bad_study_files_exit_2_with_one_line(tiny_study, tmp_path, capsys, edit
     assert main(["study", str(tiny_study), "--out", str(tmp_path / "r"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_sweeps_and_ablations_evaluate_only_after_the_last_round(tiny_study):
+    study = load_study(tiny_study)
+    a = study.ablation[0]
+    assert study.task_config("alpha").federation.eval_every == 1  # the task's own runs keep their curve
+    cfg = final_only(study, a.task, [*a.variants[0].overrides, "federation.rounds=5"])
+    assert cfg.federation.eval_every == cfg.federation.rounds == 5 and cfg.budgets.ranks == [2]
 
 
 def test_the_reference_method_comes_from_the_study_file(tiny_study):
@@ -258,7 +301,7 @@ def test_report_only_names_the_missing_runs(tiny_study, tmp_path, capsys):
     out = tmp_path / "runs"
     assert main(["study", str(tiny_study), "--out", str(out), "--report-only", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "40 of the study's runs are not finished" in err and "fslora-seed7" in err and err.count("\n") == 1
+    assert "44 of the study's runs are not finished" in err and "fslora-seed7" in err and err.count("\n") == 1
 
 
 def test_compare_resumes_an_interrupted_run_from_its_checkpoint(tiny_study, tmp_path, monkeypatch):

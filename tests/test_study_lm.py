@@ -12,9 +12,11 @@ from scipy import stats as sps
 
 from fedlora.cli import main
 from fedlora.compare import run_dir
+from fedlora.config import read_toml
 from fedlora.errors import ConfigError
+from fedlora.study.ablation_report import ablation_section
 from fedlora.study.metric import ACCURACY, LOSS, best_rate
-from fedlora.study.runner import chosen_lrs, sweep_dir, task_dir
+from fedlora.study.runner import chosen_lrs, sweep_dir, task_dir, variant_dir
 from fedlora.study.spec import load_study
 
 from .test_study import row_cells, total_mb_per_client_round
@@ -38,7 +40,7 @@ lrs = [3e-2, 3e-1]
 name = "budget"
 title = "one budget for all"
 task = "lm"
-method = "fslora"
+methods = ["fslora"]
 x_label = "k"
 variants = [{ label = "2", set = ["budgets.ranks=[2]"] }, { label = "8", set = ["budgets.ranks=[8]"] }]
 """
@@ -155,7 +157,9 @@ def test_a_generative_study_ranks_by_answer_loss_and_reports_what_the_runs_hold(
     for png in ("lm_loss_vs_round.png", "lm_loss_vs_upload.png", "lm_rouge_l_vs_round.png", "ablation_budget.png"):
         path = report.parent / "img" / "lm" / png
         assert path.stat().st_size > 1000 and f"img/lm/{png}" in md
-    assert "| k | answer loss mean ± std |" in md
+    assert "| k | `fslora` answer loss mean ± std | settings |" in md  # one method: no difference column
+    federation = read_toml(run_dir(out / "ablations" / "budget" / "2", "fslora", 0) / "config.toml")["federation"]
+    assert federation["eval_every"] == federation["rounds"]  # the report reads only final values
     for table in re.findall(r"(?:^\|.*\|\n)+", md, re.M):  # every row has its header's columns
         assert len({line.count("|") for line in table.splitlines()}) == 1, table
 
@@ -185,3 +189,29 @@ def test_the_sweep_never_keeps_a_run_that_diverged_or_trained_nothing(lm_study, 
     (run_dir(sweep_dir(out, "lm", 3e-2), "fedit", 7) / "summary.json").write_text('{"final_loss": Infinity}')
     with pytest.raises(ConfigError, match="task lm, fedit: every rate of the sweep diverged"):
         chosen_lrs(study, out, "lm")
+
+
+def test_a_generative_ablation_reports_each_methods_answer_loss_and_their_paired_difference(lm_study, tmp_path):
+    lm_study.write_text(lm_study.read_text().replace('methods = ["fslora"]', 'methods = ["fslora", "fedit"]'))
+    study, out, img = load_study(lm_study), tmp_path / "runs", tmp_path / "img"
+    a = study.ablation[0]
+    losses = {"fslora": [[2.0, 2.2], [1.5, 1.9]], "fedit": [[2.5, 2.4], [1.4, 1.6]]}  # per variant, per seed
+    for m, per_variant in losses.items():
+        for v, per_seed in zip(a.variants, per_variant):
+            for seed, loss in zip(study.seeds, per_seed):
+                d = run_dir(variant_dir(out, a, v), m, seed)
+                d.mkdir(parents=True)
+                (d / "summary.json").write_text(json.dumps({"final_loss": loss}))
+    img.mkdir()
+    md = "\n".join(ablation_section(study, out, a, img))
+    assert md.startswith("### one budget for all (`fslora`, `fedit`; task `lm`)")
+    for i, v in enumerate(a.variants):
+        cells = row_cells(md, v.label)
+        for m, per_variant in losses.items():
+            xs = per_variant[i]
+            assert cells[f"`{m}` answer loss mean ± std"] == f"{statistics.fmean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+        diffs = [b - f for f, b in zip(losses["fslora"][i], losses["fedit"][i])]  # method − first, still
+        mean, half = statistics.fmean(diffs), sps.t.ppf(0.975, 1) * (statistics.stdev(diffs) / math.sqrt(2))
+        assert cells["`fedit` − `fslora`: mean [95% CI]"] == f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
+    assert "lower answer loss is better, so a negative difference means the method did better" in md
+    assert (img / "ablation_budget.png").stat().st_size > 1000

@@ -111,24 +111,28 @@ def plot_diagnostics(runs: Mapping[str, list[Path]], out: Path) -> Path | None:
     return out / "diagnostics.png"
 
 
-def plot_ablation(labels: list[str], accs: list[list[float]], x_label: str, title: str, path: Path,
-                  y_label: str = "final test accuracy") -> None:
-    """One ablation: every seed's final metric per variant (grey) and their mean ± std.
+def plot_ablation(labels: list[str], values: Mapping[str, list[list[float]]], x_label: str, title: str,
+                  path: Path, y_label: str = "final test accuracy") -> None:
+    """One ablation: per method (one colour), its mean ± std per variant and every seed's value as
+    faint dots; the methods sit slightly apart along x so that their points do not overlap.
 
     Args:
-        accs: per variant (in ``labels`` order), the final metric (accuracy, answer loss) of each seed.
+        values: method -> per variant (in ``labels`` order) -> the final metric (accuracy, answer loss)
+            of each seed.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    xs = range(len(labels))
-    for s_i in range(len(accs[0])):
-        ax.plot(xs, [acc[s_i] for acc in accs], "o", alpha=0.35, color="grey", label="one seed" if s_i == 0 else None)
-    means, stds = zip(*(_mean_std(acc) for acc in accs))
-    ax.errorbar(xs, means, yerr=stds, marker="s", capsize=4, label="mean ± std")
-    ax.set_xticks(list(xs), labels)
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for i, ((m, per_variant), colour) in enumerate(zip(values.items(), _colours(plt, len(values)))):
+        shift = 0.12 * (i - (len(values) - 1) / 2)  # the methods side by side around each variant
+        xs = [x + shift for x in range(len(labels))]
+        for seeds in zip(*per_variant):  # one seed's value at every variant
+            ax.plot(xs, seeds, "o", alpha=0.3, markersize=4, color=colour, linestyle="none")
+        means, stds = zip(*(_mean_std(v) for v in per_variant))
+        ax.errorbar(xs, means, yerr=stds, marker="s", capsize=4, color=colour, label=f"{m} (mean ± std)")
+    ax.set_xticks(list(range(len(labels))), labels)
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(f"{title}\n(faint dots: one seed each)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,6 +1,7 @@
 """The study's Markdown report, from its run directories alone: setup, each task's learning-rate
 sweep, one section per task (:mod:`fedlora.study.task_report` for classification,
-:mod:`fedlora.study.lm_report` for a generative task), the verdicts, the ablations."""
+:mod:`fedlora.study.lm_report` for a generative task), the verdicts, the ablations
+(:mod:`fedlora.study.ablation_report`)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,15 @@ import json
 import math
 from pathlib import Path
 
-from ..compare import SUMMARY, mean_std, run_dir
+from ..compare import SUMMARY, run_dir
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..strategies import METHODS
+from .ablation_report import ablation_section
 from .lm_report import lm_task_section
 from .metric import ACCURACY, LOSS, Metric, is_generative
-from .plots import plot_ablation
 from .references import LINES
 from .runner import (
-    ablation_values,
     chosen_lrs,
     expected_runs,
     missing_runs,
@@ -27,7 +27,7 @@ from .runner import (
     swept,
     task_metric,
 )
-from .section import rel, table
+from .section import table
 from .spec import Study
 from .stats import ALPHA
 from .task_report import task_section
@@ -86,16 +86,7 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
     if study.ablation:
         lines += ["", "## Ablations", ""]
     for a in study.ablation:
-        accs, metric = ablation_values(study, out, a), metrics[a.task]
-        name = f"ablation_{a.name}.png"
-        plot_ablation([v.label for v in a.variants], accs, a.x_label, a.title, img / name, f"final test {metric.label}")
-        rows = [(a.x_label, f"{metric.label} mean ± std", *(f"seed {s}" for s in study.seeds), "settings")]
-        for v, acc in zip(a.variants, accs):
-            mean, std = mean_std(acc)
-            rows.append((v.label, f"{mean:.3f} ± {std:.3f}", *(f"{x:.3f}" for x in acc),
-                         "`" + " ".join(v.overrides) + "`"))
-        lines += [f"### {a.title} (`{a.method}`, task `{a.task}`)", "", *table(rows), "",
-                  *([a.note, ""] if a.note else []), f"![{a.name}]({rel(img)}/{name})", ""]
+        lines += ablation_section(study, out, a, img)
     if (report.parent / RANK_RECOVERY).is_file():  # the controlled benchmark beside the report
         lines += ["", "## Where rank matters", "",
                   "Final accuracy cannot tell whether clients with small budgets jointly train a higher-rank adapter "

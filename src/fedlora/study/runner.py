@@ -19,6 +19,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,8 +61,8 @@ def expected_runs(study: Study, out: Path) -> list[Path]:
         dirs += [run_dir(sweep_dir(out, t, lr), m, study.sweep.seed) for t in study.tasks for lr in study.sweep.lrs
                  for m in swept(study)]
     dirs += [run_dir(task_dir(out, t), m, s) for t in study.tasks for s in study.seeds for m in entries]
-    dirs += [run_dir(variant_dir(out, a, v), a.method, s) for a in study.ablation for v in a.variants
-             for s in study.seeds]
+    dirs += [run_dir(variant_dir(out, a, v), m, s) for a in study.ablation for v in a.variants
+             for s in study.seeds for m in a.methods]
     return dirs
 
 
@@ -140,11 +141,12 @@ def task_results(study: Study, out: Path, task: str, names: list[str] | None = N
     return rows
 
 
-def ablation_values(study: Study, out: Path, a: Ablation) -> list[list[float]]:
-    """Per variant, every seed's final headline metric of the ablation's task."""
+def ablation_values(study: Study, out: Path, a: Ablation) -> dict[str, list[list[float]]]:
+    """Method (in ``a.methods`` order) -> per variant -> every seed's final headline metric of the
+    ablation's task (seeds in ``study.seeds`` order, so the methods pair seed by seed)."""
     metric = task_metric(study, a.task)
-    return [[final_value(run_dir(variant_dir(out, a, v), a.method, s), metric) for s in study.seeds]
-            for v in a.variants]
+    return {m: [[final_value(run_dir(variant_dir(out, a, v), m, s), metric) for s in study.seeds]
+                for v in a.variants] for m in a.methods}
 
 
 def read_timing(out: Path) -> dict | None:
@@ -154,6 +156,17 @@ def read_timing(out: Path) -> dict | None:
 
 
 # -- running what is missing -----------------------------------------------------------
+
+def final_only(study: Study, task: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """``task``'s config with ``overrides``, evaluated only after the last round, for the runs of which
+    the study keeps only the final headline metric (sweeps, ablations): evaluation is about a third of
+    a run's time. A generative task's answer loss does not need generations, so these runs skip them."""
+    cfg = study.task_config(task, overrides)
+    final = [*overrides, f"federation.eval_every={cfg.federation.rounds}"]
+    if is_generative(cfg):
+        final.append("eval.generate_examples=0")
+    return study.task_config(task, final)
+
 
 @dataclass
 class Phase:
@@ -188,11 +201,7 @@ def sweep_phase(study: Study, out: Path) -> Phase:
     phase = Phase()
     for task in study.tasks if study.sweep is not None else []:
         for lr in study.sweep.lrs:
-            cfg = study.task_config(task)
-            over = [f"train.lr={lr}", f"federation.eval_every={cfg.federation.rounds}"]  # only the final
-            if is_generative(cfg):  # the sweep ranks by answer loss: generating would only cost time
-                over.append("eval.generate_examples=0")
-            cfg, d = study.task_config(task, over), sweep_dir(out, task, lr)
+            cfg, d = final_only(study, task, [f"train.lr={lr}"]), sweep_dir(out, task, lr)
             phase.add_methods(cfg, study.methods, [study.sweep.seed], d, {})
             phase.add_references(cfg, swept(study)[len(study.methods):], [study.sweep.seed], d, {})
     return phase
@@ -208,7 +217,7 @@ def main_phase(study: Study, out: Path) -> Phase:
         phase.add_references(cfg, study.references, study.seeds, d, lrs)
     for a in study.ablation:
         for v in a.variants:
-            phase.add_methods(study.task_config(a.task, v.overrides), [a.method], study.seeds,
+            phase.add_methods(final_only(study, a.task, v.overrides), a.methods, study.seeds,
                               variant_dir(out, a, v), chosen_lrs(study, out, a.task))
     return phase
 

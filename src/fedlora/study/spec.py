@@ -3,11 +3,13 @@
 The loader checks every key and type (``fedlora.config.from_dict``); :func:`load_study`
 adds only what types cannot say: names and entries that repeat, methods the registry does
 not know, tasks that are referenced but not declared, a sweep seed that is also reported,
-and every task config (and ablation variant) loading, all before any run starts.
+ablation methods that the sweep gives no rate, and every task config (and ablation variant)
+loading, all before any run starts.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,7 +51,7 @@ class Ablation:
     name: str
     title: str
     task: str
-    method: str
+    methods: list[str]  # run and reported side by side; differences are against the first
     x_label: str
     variants: list[Variant]
     note: str = ""  # printed under the ablation's table (e.g. what else changes with x)
@@ -88,6 +90,7 @@ def load_study(path: str | Path) -> Study:
         check("path", "path" not in data, "not a study key (the study's path is where it is read from)")
         check("sweep.task", "task" not in data.get("sweep", {}),
               "every task now runs its own sweep: remove the key")
+        _no_single_method(data.get("ablation"))
         study = from_dict(Study, data)
         _check(study)
     except ConfigError as e:
@@ -130,7 +133,7 @@ def _check(study: Study) -> None:
     _unique_names([a.name for a in study.ablation], "ablation")
     for i, a in enumerate(study.ablation):
         where = f"ablation[{i}]"
-        get_method(a.method, f"{where}.method")
+        _check_ablation_methods(study, a, where)
         check(f"{where}.variants", bool(a.variants), "needs at least one variant")
         _unique_names([v.label for v in a.variants], f"{where}.variants")
         for j, v in enumerate(a.variants):
@@ -138,6 +141,27 @@ def _check(study: Study) -> None:
         referenced.append((f"{where}.task", a.task))
     for key, task in referenced:
         check(key, task in study.tasks, f"unknown task '{task}' (tasks: {', '.join(study.tasks)})")
+
+
+def _no_single_method(ablations: object) -> None:
+    """An older study file's ``method = "x"`` in an ablation: say what to write instead."""
+    for i, a in enumerate(ablations if isinstance(ablations, list) else []):
+        if isinstance(a, dict) and "method" in a:
+            raise ConfigError(f"ablation[{i}].method: an ablation now compares several methods: "
+                              f"write methods = [{json.dumps(a['method'])}]")
+
+
+def _check_ablation_methods(study: Study, a: Ablation, where: str) -> None:
+    key = f"{where}.methods"
+    check(key, bool(a.methods), "needs at least one method")
+    _no_repeats(a.methods, key)
+    for j, m in enumerate(a.methods):
+        get_method(m, f"{key}[{j}]")
+    # an ablation run takes its method's rate from the sweep, which runs only the study's methods
+    outside = [m for m in a.methods if m not in study.methods]
+    if study.sweep is not None and outside:
+        raise ConfigError(f"{key}: '{outside[0]}' is not one of the study's methods ({', '.join(study.methods)}), "
+                          "so the sweep gives it no rate: add it to methods")
 
 
 def _no_repeats(values: list, key: str) -> None:
