@@ -24,6 +24,7 @@ from .device import gpu_peak_gib, reset_gpu_peak
 from .errors import ConfigError
 from .experiment import Experiment, build_experiment, evaluate_global
 from .export import save_peft_adapter
+from .initial_eval import evaluate_initial
 from .models import resolve_model_path, resolve_targets
 from .outdir import SUMMARY, check_resume, output_lock, prepare_output_dir
 from .outputs import progress_fields, summary, write_generations
@@ -130,7 +131,7 @@ def _run(cfg: RunConfig, round_fn: RoundFn, out: Path, overwrite: bool, progress
     trackers = Trackers(cfg, out, fresh=done == 0)
     if done == 0:
         samples: list[dict] = []
-        row = {"round": 0, **{f"eval_{k}": v for k, v in evaluate_global(exp, samples).items()},
+        row = {"round": 0, **{f"eval_{k}": v for k, v in evaluate_initial(exp, samples).items()},
                "wall_time_s": time.perf_counter() - start}
         _append(out, row)
         trackers.log(row)

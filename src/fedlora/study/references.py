@@ -17,7 +17,8 @@ from ..atomic import write_atomic
 from ..client import local_train
 from ..config import RunConfig, to_toml
 from ..encoding import train_batches
-from ..experiment import build_experiment, clients_per_round, evaluate_global, evaluate_task
+from ..experiment import build_experiment, clients_per_round, evaluate_task
+from ..initial_eval import evaluate_initial
 from ..outputs import headline, summary
 from ..runner import SUMMARY, run, write_clients
 from ..seeding import derive_seed, torch_generator
@@ -68,7 +69,7 @@ def run_local_only(cfg: RunConfig, progress: bool = True) -> dict:
     write_atomic(out / "config.toml", to_toml(cfg))
     exp = build_experiment(cfg)
     write_clients(exp, out)
-    initial = evaluate_global(exp)
+    initial = evaluate_initial(exp, [])
     n = cfg.data.num_clients
     rounds_each = max(1, round(cfg.federation.rounds * clients_per_round(cfg) / n))
     steps = rounds_each * cfg.train.local_steps * cfg.train.grad_accum_steps
