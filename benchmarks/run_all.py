@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 SCRIPTS = ["comm.py", "server_cost.py", "flexlora_svd.py", "client_cost.py", "sim_overhead.py", "scale.py",
-           "mc_eval.py", "rank_recovery.py"]
+           "study_jobs.py", "mc_eval.py", "rank_recovery.py"]
 NOISE = ("USDT:", "CPUAllocator.cpp", "Writing model shards")  # profiler/kineto chatter on stderr
 
 

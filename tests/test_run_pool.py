@@ -1,6 +1,11 @@
 """`--jobs`: runs side by side in worker processes give the one-job results, and a failure stops them."""
 
 import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
 
 import pytest
 
@@ -50,3 +55,26 @@ def test_jobs_below_one_is_one_line(command, capsys):
     assert main([command, "--jobs", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("--jobs: must be at least 1, got 0") and "\n" not in err
+
+
+def test_a_worker_the_system_kills_is_one_line_naming_its_run(tiny_bert_dir, tmp_path):
+    runs = [PendingRun(load_config(None, tiny_overrides(tiny_bert_dir, tmp_path / name, federation__rounds=200)), name)
+            for name in ("first", "second")]
+    failure: list[BaseException] = []
+
+    def go():
+        try:
+            execute(runs, jobs=2, progress=False)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            failure.append(e)
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not any((tmp_path / n / "metrics.jsonl").exists() for n in ("first", "second")):
+        assert time.monotonic() < deadline, "no run started"
+        time.sleep(0.2)
+    os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)  # as the OOM killer would
+    thread.join(timeout=300)
+    assert not thread.is_alive() and len(failure) == 1
+    assert isinstance(failure[0], ConfigError) and "a worker process died while running" in str(failure[0])

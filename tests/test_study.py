@@ -340,3 +340,23 @@ def test_a_generative_task_is_accepted_and_ranked_by_its_answer_loss(tiny_study,
     iid.write_text(iid.read_text().replace("[data]\n", '[data]\nformat = "instruction"\n', 1))
     study = load_study(tiny_study)  # a generative task is no longer refused
     assert task_metric(study, "beta") == LOSS and task_metric(study, "alpha") == ACCURACY
+
+
+def test_the_study_clock_counts_an_invocation_killed_after_its_last_finished_run(tmp_path):
+    from fedlora.study.runner import StudyClock, read_timing
+
+    killed = StudyClock(tmp_path, jobs=2)
+    killed.finished(None)
+    killed.finished(None)  # ... then SIGKILL: close() never runs
+    t = read_timing(tmp_path)
+    assert (t["runs"], t["invocations"], t["max_jobs"]) == (2, 1, 2) and t["elapsed_s"] > 0
+    idle = StudyClock(tmp_path, jobs=1)
+    idle.close()  # finished nothing: not an invocation that did work
+    assert read_timing(tmp_path)["invocations"] == 1
+    later = StudyClock(tmp_path, jobs=1)
+    later.finished(None)
+    before = read_timing(tmp_path)
+    later.close()  # an interrupted run's partial time after the last finished one
+    after = read_timing(tmp_path)
+    assert (after["runs"], after["invocations"], after["max_jobs"]) == (3, 2, 2)
+    assert after["elapsed_s"] >= before["elapsed_s"] > 0

@@ -17,8 +17,9 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from .config import RunConfig
@@ -67,16 +68,20 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def execute(pending: Sequence[PendingRun], jobs: int = 1, progress: bool = True) -> None:
+def execute(pending: Sequence[PendingRun], jobs: int = 1, progress: bool = True,
+            on_done: Callable[[PendingRun], None] | None = None) -> None:
     """Run every pending run: one after another with ``jobs = 1`` (each with its progress bar), else
-    ``jobs`` at a time in worker processes (one line per run started and finished). The first run
-    that fails stops the rest from starting; the runs already going finish, then its error is raised."""
+    ``jobs`` at a time in worker processes (one line per run finished); ``on_done`` hears of each
+    finished run, in this process. The first run that fails stops the rest from starting; the runs
+    already going finish, then its error is raised."""
     check_jobs(jobs)
+    done_hook = on_done or (lambda _p: None)
     if jobs == 1 or len(pending) <= 1:
         for p in pending:
             if progress:
                 _say(f"run: {p.label} -> {p.cfg.output_dir}" + (" (resuming)" if p.resume else ""))
             run_one(p, progress)
+            done_hook(p)
         return
     workers = min(jobs, len(pending))
     threads = max(1, available_cores() // workers)
@@ -95,7 +100,13 @@ def execute(pending: Sequence[PendingRun], jobs: int = 1, progress: bool = True)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for f in done:
                 p = running.pop(f)
-                f.result()  # a failed run raises here; the `with` lets the running ones finish
+                try:
+                    f.result()  # a failed run raises here; the `with` lets the running ones finish
+                except BrokenProcessPool:  # the OS killed a worker (out of memory, say): no traceback of ours
+                    raise ConfigError(f"a worker process died while running {p.label} ({p.cfg.output_dir}): "
+                                      "the system may have killed it (out of memory?); run the same command "
+                                      "again to resume, with fewer --jobs") from None
                 finished += 1
+                done_hook(p)
                 if progress:
                     _say(f"run [{finished}/{len(pending)}] done: {p.label} ({time.perf_counter() - started:.0f} s in)")

@@ -12,7 +12,8 @@ learning-rate grid and the ablations. The study then
 4. writes the report (Markdown + plots) from the run directories alone.
 
 Every run is an ordinary ``fedlora run`` directory; finished ones are skipped, so the
-command resumes where it stopped.
+command resumes where it stopped. Runs go one at a time, or ``--jobs N`` at a time in worker
+processes (:mod:`fedlora.run_pool`): the sweep first, then everything that needs its rates.
 
 One job per module: ``spec`` (the study file), ``metric`` (what a task is ranked by), ``runner``
 (the output layout and running what is missing), ``report`` (the Markdown: setup, sweeps, verdicts),

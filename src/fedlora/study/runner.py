@@ -19,10 +19,11 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import write_atomic
 from ..compare import SUMMARY, pending_runs, run_dir
 from ..compare import write_report as write_compare_report
 from ..config import RunConfig, read_toml
@@ -190,8 +191,8 @@ class Phase:
                 if not (run_dir(out, ref, seed) / SUMMARY).exists():
                     self.runs.append(PendingRun(one, f"reference {ref}, seed {seed}", reference=ref))
 
-    def run(self, jobs: int, progress: bool) -> None:
-        execute(self.runs, jobs, progress)
+    def run(self, jobs: int, progress: bool, on_done: Callable[[PendingRun], None]) -> None:
+        execute(self.runs, jobs, progress, on_done)
         for out, methods, seeds in self.reports:  # each directory's own `fedlora compare` table
             write_compare_report(out, methods, seeds)
 
@@ -222,27 +223,49 @@ def main_phase(study: Study, out: Path) -> Phase:
     return phase
 
 
+class StudyClock:
+    """``study_time.json`` brought up to date after every finished run, so that an invocation killed
+    outright (SIGKILL, a machine's end) still counts its wall time up to its last finished run."""
+
+    def __init__(self, out: Path, jobs: int) -> None:
+        self.out, self.jobs = out, jobs
+        self.since = time.perf_counter()
+        self.counted = False  # this invocation is among `invocations` already
+
+    def add(self, runs: int) -> None:
+        now, t = time.perf_counter(), read_timing(self.out) or {}
+        t = {"elapsed_s": t.get("elapsed_s", 0.0) + now - self.since, "runs": t.get("runs", 0) + runs,
+             "invocations": t.get("invocations", 0) + (not self.counted),
+             "max_jobs": max(t.get("max_jobs", 1), self.jobs)}
+        write_atomic(self.out / TIMING, json.dumps(t) + "\n")
+        self.since, self.counted = now, True
+
+    def finished(self, _run: PendingRun) -> None:
+        self.add(1)
+
+    def close(self) -> None:
+        """The time after the last finished run (an interrupted one's partial work), for an invocation
+        that did any; one that finished nothing is not counted (as before a run is done, nothing is)."""
+        if self.counted:
+            self.add(0)
+
+
 def run_study(study: Study, out: Path, progress: bool = True, jobs: int = 1) -> None:
     """Run whatever is missing, ``jobs`` runs at a time: first the sweep, then everything else."""
     check_jobs(jobs)
-    start = time.perf_counter()
     todo = len(missing_runs(study, out))
     if progress:
         print(f"study: {todo} of {len(expected_runs(study, out))} runs to do -> {out}", file=sys.stderr, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    clock = StudyClock(out, jobs)
     try:
         sweep = sweep_phase(study, out)
         if progress and sweep.runs:
             print(f"study: the learning-rate sweep, {len(sweep.runs)} runs", file=sys.stderr, flush=True)
-        sweep.run(jobs, progress)
+        sweep.run(jobs, progress, clock.finished)
         rest = main_phase(study, out)
         if progress and rest.runs:
             print(f"study: tasks x seeds and ablations, {len(rest.runs)} runs", file=sys.stderr, flush=True)
-        rest.run(jobs, progress)
-    finally:  # the wall time of every invocation that did work adds up (also when one is interrupted)
-        ran = todo - len(missing_runs(study, out))
-        if ran:
-            timing = read_timing(out) or {}
-            timing = {"elapsed_s": timing.get("elapsed_s", 0.0) + time.perf_counter() - start,
-                      "runs": timing.get("runs", 0) + ran, "invocations": timing.get("invocations", 0) + 1,
-                      "max_jobs": max(timing.get("max_jobs", 1), jobs)}
-            (out / TIMING).write_text(json.dumps(timing) + "\n")
+        rest.run(jobs, progress, clock.finished)
+    finally:
+        clock.close()
