@@ -65,7 +65,8 @@ def _csv(text: str, kind=str) -> list:
 def _jobs_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="runs at a time, each in its own process with its share of the CPU threads (default: "
-                        "%(default)s; 2 on 2 cores finishes about 1.3x sooner; results equal to float rounding)")
+                        "%(default)s; on 2 cores, 2 finished four study runs 1.11x sooner, more for long "
+                        "studies: benchmarks/study_jobs.py; results equal to float rounding)")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

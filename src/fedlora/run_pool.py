@@ -1,11 +1,12 @@
 """Running independent experiments side by side (``--jobs``): each run in a worker process that
 owns its share of the CPU threads.
 
-On 2 cores, two one-thread runs finish about 1.3x sooner than the same runs one after the other
-with two threads each (a run spends much of its time outside large matrix products, where the
-second thread idles); with more cores the gain grows with ``jobs``. A run's numbers can differ
-from a one-job run's in the last float bits only (a different thread count sums in another
-order).
+On 2 cores, two one-thread processes take 1.28x as many MiniLM training steps a second as one
+two-thread process (a step spends much of its time outside large matrix products, where the
+second thread idles); four study runs finished 1.11x sooner end to end, as each worker pays its
+own start and its own round-0 evaluation (``benchmarks/study_jobs.py``). With more cores the gain
+grows with ``jobs``. A run's numbers can differ from a one-job run's in the last float bits only
+(a different thread count sums in another order: 2.5e-6 relative in the final loss).
 
 Every run writes only its own directory, so a worker crash loses at most the unfinished rounds
 of its run; the caller's next invocation resumes it from its checkpoint.
