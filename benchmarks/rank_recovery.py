@@ -225,7 +225,7 @@ def write_section(path: Path, text: str) -> None:
     """Replace the script's marked section of ``path`` (or append it), leaving the rest as written."""
     before, _, rest = (path.read_text(encoding="utf-8") if path.exists() else "").partition(MARK[0])
     after = rest.partition(MARK[1])[2]
-    path.write_text(f"{before.rstrip()}\n\n{MARK[0]}\n{text}\n{MARK[1]}\n{after.lstrip()}".lstrip(), encoding="utf-8")
+    path.write_text(f"{before.rstrip()}\n\n{MARK[0]}\n{text}\n{MARK[1]}\n\n{after.lstrip()}".lstrip(), encoding="utf-8")
 
 
 def report(s: Setup, results: dict[str, Run], floors: dict[int, float], tuned: bool) -> str:
