@@ -214,4 +214,8 @@ def test_a_generative_ablation_reports_each_methods_answer_loss_and_their_paired
         mean, half = statistics.fmean(diffs), sps.t.ppf(0.975, 1) * (statistics.stdev(diffs) / math.sqrt(2))
         assert cells["`fedit` − `fslora`: mean [95% CI]"] == f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
     assert "lower answer loss is better, so a negative difference means the method did better" in md
+    # power at the median spread of the two variants' paired differences (fedit − fslora: +0.5, +0.2; -0.1, -0.3)
+    sd = statistics.median([statistics.stdev([0.5, 0.2]), statistics.stdev([-0.1, -0.3])])
+    mdd = (sps.t.ppf(0.975, 1) + sps.t.ppf(0.8, 1)) * sd / math.sqrt(2)
+    assert f"({sd:.3f}), a two-sided paired t test at α = 0.05 detects a true difference of {mdd:.3f}" in md
     assert (img / "ablation_budget.png").stat().st_size > 1000
