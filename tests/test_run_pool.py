@@ -57,7 +57,7 @@ def test_jobs_below_one_is_one_line(command, capsys):
     assert err.endswith("--jobs: must be at least 1, got 0") and "\n" not in err
 
 
-def test_a_worker_the_system_kills_is_one_line_naming_its_run(tiny_bert_dir, tmp_path):
+def test_a_worker_the_system_kills_is_one_line_naming_the_runs_it_stopped(tiny_bert_dir, tmp_path):
     runs = [PendingRun(load_config(None, tiny_overrides(tiny_bert_dir, tmp_path / name, federation__rounds=200)), name)
             for name in ("first", "second")]
     failure: list[BaseException] = []
@@ -77,4 +77,6 @@ def test_a_worker_the_system_kills_is_one_line_naming_its_run(tiny_bert_dir, tmp
     os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)  # as the OOM killer would
     thread.join(timeout=300)
     assert not thread.is_alive() and len(failure) == 1
-    assert isinstance(failure[0], ConfigError) and "a worker process died while running" in str(failure[0])
+    message = str(failure[0])
+    assert isinstance(failure[0], ConfigError) and "a worker process died" in message
+    assert "runs stopped: " in message and "first" in message and "second" in message  # the pool stops both

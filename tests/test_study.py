@@ -345,15 +345,16 @@ def test_a_generative_task_is_accepted_and_ranked_by_its_answer_loss(tiny_study,
 def test_the_study_clock_counts_an_invocation_killed_after_its_last_finished_run(tmp_path):
     from fedlora.study.runner import StudyClock, read_timing
 
-    killed = StudyClock(tmp_path, jobs=2)
+    killed = StudyClock(tmp_path)
+    killed.jobs = 2
     killed.finished(None)
     killed.finished(None)  # ... then SIGKILL: close() never runs
     t = read_timing(tmp_path)
     assert (t["runs"], t["invocations"], t["max_jobs"]) == (2, 1, 2) and t["elapsed_s"] > 0
-    idle = StudyClock(tmp_path, jobs=1)
+    idle = StudyClock(tmp_path)
     idle.close()  # finished nothing: not an invocation that did work
     assert read_timing(tmp_path)["invocations"] == 1
-    later = StudyClock(tmp_path, jobs=1)
+    later = StudyClock(tmp_path)
     later.finished(None)
     before = read_timing(tmp_path)
     later.close()  # an interrupted run's partial time after the last finished one

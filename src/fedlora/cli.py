@@ -66,7 +66,8 @@ def _jobs_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="runs at a time, each in its own process with its share of the CPU threads (default: "
                         "%(default)s; on 2 cores, 2 finished four study runs 1.11x sooner, more for long "
-                        "studies: benchmarks/study_jobs.py; results equal to float rounding)")
+                        "studies: benchmarks/study_jobs.py; results equal to float rounding; on a GPU each "
+                        "worker holds its own model)")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -9,8 +9,9 @@ about 80 s of a 4.5-minute SmolLM2 run on 2 cores).
 The key is a digest of everything the evaluation reads, taken from the objects themselves rather
 than from config fields believed to matter: the base weights (their fingerprint), the head, each
 adapted layer's effective weight change ``s B A`` (plus any frozen delta), the data with its
-held-out rows, the evaluation settings and the device. Two runs with equal keys compute the same
-numbers; a run whose model or data differs in one bit misses.
+held-out rows, the evaluation settings and the device. Two runs with equal keys evaluate the same
+model on the same data: at round 0 (every ``B = 0``) to the bit; factors that differ but multiply to
+the same change would agree to float rounding. A run whose model or data differs in one bit misses.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .atomic import temp_path
 from .config import ModelConfig
 from .errors import ConfigError
 from .lora import linear_shape, matches
@@ -68,7 +69,7 @@ def smollm2_checkpoint() -> Path:
     checkpoint in the cache (about 20 s once; later loads take about a second).
     """
     out = CACHE / "smollm2-135m-instruct"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if _complete(out):
         return out
     gguf_path = builtin_path("builtin:smollm2", BUILTIN_MODELS, "model.name")
     folder, gguf = gguf_path.parent, gguf_path.name
@@ -85,13 +86,23 @@ def smollm2_checkpoint() -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict(), strict=False)
     plain.tie_weights()
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = temp_path(out)  # this process's own: two first loads at once (fedlora study --jobs) do not collide
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)  # a partial copy from an interrupted first load
-    tmp.rename(out)
+    try:
+        tmp.rename(out)  # atomic: another process sees no copy or a whole one
+    except OSError:  # a copy is there already: another process's (keep it) or a broken one (replace it)
+        if _complete(out):
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
     return out
+
+
+def _complete(checkpoint: Path) -> bool:
+    return (checkpoint / "config.json").is_file() and (checkpoint / "model.safetensors").is_file()
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:

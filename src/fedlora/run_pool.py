@@ -8,8 +8,11 @@ own start and its own round-0 evaluation (``benchmarks/study_jobs.py``). With mo
 grows with ``jobs``. A run's numbers can differ from a one-job run's in the last float bits only
 (a different thread count sums in another order: 2.5e-6 relative in the final loss).
 
-Every run writes only its own directory, so a worker crash loses at most the unfinished rounds
-of its run; the caller's next invocation resumes it from its checkpoint.
+Every run writes only its own directory (a first use of ``builtin:smollm2`` fills a shared cache:
+that happens in the parent before any worker starts), so a worker crash loses at most the
+unfinished rounds of its run; the caller's next invocation resumes it from its checkpoint. On a
+GPU every worker loads its own copy of the model: ``--jobs`` is for CPU machines and for models
+small enough to sit on the GPU N times.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 
 from .config import RunConfig
 from .errors import ConfigError
+from .models import resolve_model_path
 from .runner import run
 from .simulate import simulate_round
 from .study.references import Reference, run_reference
@@ -69,45 +73,62 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def concurrency(jobs: int, runs: int) -> int:
+    """How many runs ``execute`` has going at once."""
+    return 1 if jobs == 1 or runs <= 1 else min(jobs, runs)
+
+
 def execute(pending: Sequence[PendingRun], jobs: int = 1, progress: bool = True,
             on_done: Callable[[PendingRun], None] | None = None) -> None:
     """Run every pending run: one after another with ``jobs = 1`` (each with its progress bar), else
     ``jobs`` at a time in worker processes (one line per run finished); ``on_done`` hears of each
-    finished run, in this process. The first run that fails stops the rest from starting; the runs
-    already going finish, then its error is raised."""
+    finished run, in this process. After a run fails nothing new starts: the failure is told at once,
+    the runs going finish, then its error is raised."""
     check_jobs(jobs)
     done_hook = on_done or (lambda _p: None)
-    if jobs == 1 or len(pending) <= 1:
+    workers = concurrency(jobs, len(pending))
+    if workers == 1:
         for p in pending:
             if progress:
                 _say(f"run: {p.label} -> {p.cfg.output_dir}" + (" (resuming)" if p.resume else ""))
             run_one(p, progress)
             done_hook(p)
         return
-    workers = min(jobs, len(pending))
+    for model in {repr(p.cfg.model): p.cfg.model for p in pending}.values():
+        resolve_model_path(model)  # a first use that fills a shared cache (builtin:smollm2) happens once, here
     threads = max(1, available_cores() // workers)
     if progress:
         _say(f"run: {len(pending)} runs, {workers} at a time, {threads} torch thread(s) each")
     started = time.perf_counter()
     spawn = multiprocessing.get_context("spawn")  # no forked torch state; the same on every OS
     queue = list(reversed(pending))
-    finished = 0
+    finished, failure = 0, None
     with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker, initargs=(threads,)) as pool:
         running: dict[Future, PendingRun] = {}
         while queue or running:
-            while queue and len(running) < workers:  # one run per free worker: after a failure nothing new starts
+            while queue and failure is None and len(running) < workers:
                 p = queue.pop()
                 running[pool.submit(run_one, p, False)] = p
+            if not running:
+                break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for f in done:
                 p = running.pop(f)
-                try:
-                    f.result()  # a failed run raises here; the `with` lets the running ones finish
-                except BrokenProcessPool:  # the OS killed a worker (out of memory, say): no traceback of ours
-                    raise ConfigError(f"a worker process died while running {p.label} ({p.cfg.output_dir}): "
-                                      "the system may have killed it (out of memory?); run the same command "
-                                      "again to resume, with fewer --jobs") from None
+                if isinstance(f.exception(), BrokenProcessPool):  # the system killed a worker (out of memory?)
+                    stopped = ", ".join([p.label, *(q.label for q in running.values())])
+                    raise ConfigError(f"a worker process died (the system may have killed it: out of memory?); "
+                                      f"runs stopped: {stopped}; run the same command again to resume them, "
+                                      "with fewer --jobs") from None
+                if f.exception() is not None:
+                    if failure is None:
+                        failure = f.exception()
+                        if progress and running:
+                            _say(f"run failed: {p.label}: {failure}; no new run starts, waiting for the "
+                                 f"{len(running)} going (Ctrl-C stops them; they resume)")
+                    continue
                 finished += 1
                 done_hook(p)
                 if progress:
                     _say(f"run [{finished}/{len(pending)}] done: {p.label} ({time.perf_counter() - started:.0f} s in)")
+    if failure is not None:
+        raise failure

@@ -3,7 +3,6 @@ variant, then every other method's paired difference with the first) and one plo
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 from ..compare import mean_std
@@ -12,7 +11,7 @@ from .plots import plot_ablation
 from .runner import ablation_values, task_metric
 from .section import interval, rel, table
 from .spec import Ablation, Study
-from .stats import ALPHA, POWER, detectable_difference, paired
+from .stats import ALPHA, POWER, detectable_at_median, paired
 
 
 def ablation_section(study: Study, out: Path, a: Ablation, img: Path) -> list[str]:
@@ -46,8 +45,8 @@ def _differences(study: Study, metric: Metric, first: str, stds: list[float]) ->
     line = (f"Differences: method − `{first}`, paired seed by seed{spread}; {better} {metric.label} is better, "
             f"so a {sign} difference means the method did better than `{first}`.")
     if n > 1:
-        sd = statistics.median(stds)
+        sd, mdd = detectable_at_median(stds, n)
         line += (f" Power: at the median spread of these paired differences ({sd:.3f}), a two-sided paired t test "
-                 f"at α = {ALPHA} detects a true difference of {detectable_difference(sd, n):.3f} with probability "
+                 f"at α = {ALPHA} detects a true difference of {mdd:.3f} with probability "
                  f"{POWER:.0%} (one variant at a time, no correction over the variants).")
     return line

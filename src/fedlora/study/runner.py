@@ -27,7 +27,7 @@ from ..atomic import write_atomic
 from ..compare import SUMMARY, pending_runs, run_dir
 from ..compare import write_report as write_compare_report
 from ..config import RunConfig, read_toml
-from ..run_pool import PendingRun, check_jobs, execute
+from ..run_pool import PendingRun, check_jobs, concurrency, execute
 from ..runner import NO_ROUND_AGGREGATED, read_metrics
 from .metric import ROUGE_L, Metric, best_rate, headline, is_generative
 from .spec import Ablation, Study, Variant
@@ -56,7 +56,7 @@ def swept(study: Study) -> list[str]:
 
 
 def expected_runs(study: Study, out: Path) -> list[Path]:
-    """Every run directory the study is made of, in the order they run."""
+    """Every run directory the study is made of: the sweep's, the tasks', the ablations'."""
     dirs, entries = [], study.methods + study.references
     if study.sweep is not None:
         dirs += [run_dir(sweep_dir(out, t, lr), m, study.sweep.seed) for t in study.tasks for lr in study.sweep.lrs
@@ -227,8 +227,8 @@ class StudyClock:
     """``study_time.json`` brought up to date after every finished run, so that an invocation killed
     outright (SIGKILL, a machine's end) still counts its wall time up to its last finished run."""
 
-    def __init__(self, out: Path, jobs: int) -> None:
-        self.out, self.jobs = out, jobs
+    def __init__(self, out: Path) -> None:
+        self.out, self.jobs = out, 1  # jobs: the most runs this invocation has had going at once
         self.since = time.perf_counter()
         self.counted = False  # this invocation is among `invocations` already
 
@@ -257,15 +257,13 @@ def run_study(study: Study, out: Path, progress: bool = True, jobs: int = 1) -> 
     if progress:
         print(f"study: {todo} of {len(expected_runs(study, out))} runs to do -> {out}", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    clock = StudyClock(out, jobs)
+    clock = StudyClock(out)
     try:
-        sweep = sweep_phase(study, out)
-        if progress and sweep.runs:
-            print(f"study: the learning-rate sweep, {len(sweep.runs)} runs", file=sys.stderr, flush=True)
-        sweep.run(jobs, progress, clock.finished)
-        rest = main_phase(study, out)
-        if progress and rest.runs:
-            print(f"study: tasks x seeds and ablations, {len(rest.runs)} runs", file=sys.stderr, flush=True)
-        rest.run(jobs, progress, clock.finished)
+        for what, plan in (("the learning-rate sweep", sweep_phase), ("tasks x seeds and ablations", main_phase)):
+            phase = plan(study, out)  # the main phase reads the rates the sweep chose
+            if progress and phase.runs:
+                print(f"study: {what}, {len(phase.runs)} runs", file=sys.stderr, flush=True)
+            clock.jobs = max(clock.jobs, concurrency(jobs, len(phase.runs)))
+            phase.run(jobs, progress, clock.finished)
     finally:
         clock.close()

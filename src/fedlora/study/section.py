@@ -18,7 +18,7 @@ from ..strategies import METHODS
 from .metric import ACCURACY, Metric
 from .runner import MethodResult, task_dir, task_results
 from .spec import Study
-from .stats import ALPHA, POWER, Paired, detectable_difference, holm, late_gain, paired, verdict
+from .stats import ALPHA, POWER, Paired, detectable_at_median, holm, late_gain, paired, verdict
 
 TOTAL = "total MB (up + down) / client / round"  # download is a cost too (FLoRA, Fed-PLoRA, the folds pay there)
 
@@ -97,8 +97,7 @@ def detectable(study: Study, cmp: Comparison) -> tuple[float, float] | None:
     over the seeds detects with probability POWER at that spread); None for one seed or no rival."""
     if len(study.seeds) < 2 or not cmp.adjusted:
         return None
-    sd = statistics.median(cmp.pairs[m].std for m in cmp.adjusted)
-    return sd, detectable_difference(sd, len(study.seeds))
+    return detectable_at_median([cmp.pairs[m].std for m in cmp.adjusted], len(study.seeds))
 
 
 def power(study: Study, cmp: Comparison) -> str:

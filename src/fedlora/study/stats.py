@@ -92,6 +92,13 @@ def detectable_difference(std: float, n: int) -> float:
     return float(t * std / math.sqrt(n))
 
 
+def detectable_at_median(stds: Sequence[float], n: int) -> tuple[float, float]:
+    """(median of the paired differences' spreads ``stds``, the smallest true difference ``n`` seeds detect
+    at that spread: :func:`detectable_difference`)."""
+    sd = statistics.median(stds)
+    return sd, detectable_difference(sd, n)
+
+
 def at_upload(points: Sequence[tuple[float, float]], budget: float) -> float:
     """Accuracy when the cumulative upload reaches ``budget``: linear between the evaluations
     (``points``: (cumulative upload, accuracy), increasing upload), nan beyond the last one."""
