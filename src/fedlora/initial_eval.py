@@ -29,7 +29,7 @@ from .experiment import Experiment, evaluate_global
 from .lora import LoRALinear
 
 _REMEMBERED: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
-KEEP = 8  # a study's worker meets each seed's model once per method: a few entries suffice
+KEEP = 32  # a study worker meets every seed's starting model, and the reference lines' (their own data): small entries
 
 
 def _feed(h: Any, obj: Any) -> None:
