@@ -113,15 +113,15 @@ def execute(pending: Sequence[PendingRun], jobs: int = 1, progress: bool = True,
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for f in done:
-                p = running.pop(f)
-                if isinstance(f.exception(), BrokenProcessPool):  # the system killed a worker (out of memory?)
+                p, error = running.pop(f), f.exception()
+                if isinstance(error, BrokenProcessPool):  # the system killed a worker (out of memory?)
                     stopped = ", ".join([p.label, *(q.label for q in running.values())])
                     raise ConfigError(f"a worker process died (the system may have killed it: out of memory?); "
                                       f"runs stopped: {stopped}; run the same command again to resume them, "
                                       "with fewer --jobs") from None
-                if f.exception() is not None:
+                if error is not None:
                     if failure is None:
-                        failure = f.exception()
+                        failure = error
                         if progress and running:
                             _say(f"run failed: {p.label}: {failure}; no new run starts, waiting for the "
                                  f"{len(running)} going (Ctrl-C stops them; they resume)")

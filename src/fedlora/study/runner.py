@@ -187,8 +187,9 @@ class Phase:
         for ref in references:
             for seed in seeds:
                 train = dataclasses.replace(cfg.train, lr=lrs.get(ref, cfg.train.lr))
-                one = dataclasses.replace(cfg, seed=seed, train=train, output_dir=str(run_dir(out, ref, seed)))
-                if not (run_dir(out, ref, seed) / SUMMARY).exists():
+                d = run_dir(out, ref, seed)
+                one = dataclasses.replace(cfg, seed=seed, train=train, output_dir=str(d))
+                if not (d / SUMMARY).exists():
                     self.runs.append(PendingRun(one, f"reference {ref}, seed {seed}", reference=ref))
 
     def run(self, jobs: int, progress: bool, on_done: Callable[[PendingRun], None]) -> None:
@@ -211,15 +212,15 @@ def sweep_phase(study: Study, out: Path) -> Phase:
 def main_phase(study: Study, out: Path) -> Phase:
     """Every method and reference line on every task and seed, and every ablation variant, each at the
     rate the sweep chose (needs the sweep finished)."""
-    phase = Phase()
+    phase, lrs = Phase(), {task: chosen_lrs(study, out, task) for task in study.tasks}
     for task in study.tasks:
-        cfg, lrs, d = study.task_config(task), chosen_lrs(study, out, task), task_dir(out, task)
-        phase.add_methods(cfg, study.methods, study.seeds, d, lrs)
-        phase.add_references(cfg, study.references, study.seeds, d, lrs)
+        cfg, d = study.task_config(task), task_dir(out, task)
+        phase.add_methods(cfg, study.methods, study.seeds, d, lrs[task])
+        phase.add_references(cfg, study.references, study.seeds, d, lrs[task])
     for a in study.ablation:
         for v in a.variants:
             phase.add_methods(final_only(study, a.task, v.overrides), a.methods, study.seeds,
-                              variant_dir(out, a, v), chosen_lrs(study, out, a.task))
+                              variant_dir(out, a, v), lrs[a.task])
     return phase
 
 
