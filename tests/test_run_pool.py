@@ -70,9 +70,9 @@ def test_a_worker_the_system_kills_is_one_line_naming_the_runs_it_stopped(tiny_b
 
     thread = threading.Thread(target=go)
     thread.start()
-    deadline = time.monotonic() + 120
-    while not any((tmp_path / n / "metrics.jsonl").exists() for n in ("first", "second")):
-        assert time.monotonic() < deadline, "no run started"
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / n / "metrics.jsonl").exists() for n in ("first", "second")):
+        assert time.monotonic() < deadline, "the two runs did not start"
         time.sleep(0.2)
     os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)  # as the OOM killer would
     thread.join(timeout=300)
@@ -80,3 +80,12 @@ def test_a_worker_the_system_kills_is_one_line_naming_the_runs_it_stopped(tiny_b
     message = str(failure[0])
     assert isinstance(failure[0], ConfigError) and "a worker process died" in message
     assert "runs stopped: " in message and "first" in message and "second" in message  # the pool stops both
+
+
+def test_a_dead_pool_also_names_a_run_that_failed_just_before(tiny_bert_dir, tmp_path):
+    from fedlora.run_pool import _pool_died
+
+    first, second = (PendingRun(load_config(None, tiny_overrides(tiny_bert_dir, tmp_path / n)), n)
+                     for n in ("first", "second"))
+    message = str(_pool_died([second], [(first, RuntimeError("terminated"))]))
+    assert "runs stopped: second; first had failed: terminated;" in message and "\n" not in message

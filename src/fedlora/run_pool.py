@@ -78,6 +78,15 @@ def concurrency(jobs: int, runs: int) -> int:
     return 1 if jobs == 1 or runs <= 1 else min(jobs, runs)
 
 
+def _pool_died(stopped: Sequence[PendingRun], failed: Sequence[tuple[PendingRun, BaseException]]) -> ConfigError:
+    """One line for a worker the system killed: every run it stopped, and any that had failed before
+    (a worker dying can surface first as another run's error), so none is left unnamed."""
+    earlier = "".join(f"; {p.label} had failed: {error}" for p, error in failed)
+    return ConfigError(f"a worker process died (the system may have killed it: out of memory?); runs stopped: "
+                       f"{', '.join(p.label for p in stopped)}{earlier}; run the same command again to resume "
+                       "them, with fewer --jobs")
+
+
 def execute(pending: Sequence[PendingRun], jobs: int = 1, progress: bool = True,
             on_done: Callable[[PendingRun], None] | None = None) -> None:
     """Run every pending run: one after another with ``jobs = 1`` (each with its progress bar), else
@@ -102,7 +111,7 @@ def execute(pending: Sequence[PendingRun], jobs: int = 1, progress: bool = True,
     started = time.perf_counter()
     spawn = multiprocessing.get_context("spawn")  # no forked torch state; the same on every OS
     queue = list(reversed(pending))
-    finished, failure = 0, None
+    finished, failure, failed = 0, None, []
     with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker, initargs=(threads,)) as pool:
         running: dict[Future, PendingRun] = {}
         while queue or running:
@@ -115,11 +124,9 @@ def execute(pending: Sequence[PendingRun], jobs: int = 1, progress: bool = True,
             for f in done:
                 p, error = running.pop(f), f.exception()
                 if isinstance(error, BrokenProcessPool):  # the system killed a worker (out of memory?)
-                    stopped = ", ".join([p.label, *(q.label for q in running.values())])
-                    raise ConfigError(f"a worker process died (the system may have killed it: out of memory?); "
-                                      f"runs stopped: {stopped}; run the same command again to resume them, "
-                                      "with fewer --jobs") from None
+                    raise _pool_died([p, *running.values()], failed) from None
                 if error is not None:
+                    failed.append((p, error))
                     if failure is None:
                         failure = error
                         if progress and running:
