@@ -361,3 +361,14 @@ def test_the_study_clock_counts_an_invocation_killed_after_its_last_finished_run
     after = read_timing(tmp_path)
     assert (after["runs"], after["invocations"], after["max_jobs"]) == (3, 2, 2)
     assert after["elapsed_s"] >= before["elapsed_s"] > 0
+
+
+def test_the_cost_line_says_when_recorded_wall_time_is_short_of_the_runs():
+    from fedlora.study.report import cost_line
+
+    honest = cost_line(4, 600.0, {"elapsed_s": 330.0, "invocations": 1, "max_jobs": 2})
+    assert honest.startswith("**Cost:** 4 runs, 10.0 min of run time; the invocation") and "missing" not in honest
+    assert "up to 2 runs at a time" in honest
+    short = cost_line(30, 145 * 60.0, {"elapsed_s": 110 * 60.0, "invocations": 3})  # one job: wall >= run time
+    assert "3 invocations" in short and "is missing)" in short
+    assert cost_line(2, 60.0, None) == "**Cost:** 2 runs, 1.0 min of run time"

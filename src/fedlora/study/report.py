@@ -101,14 +101,21 @@ def write_report(study: Study, out: Path, report: Path) -> Path:
 def _cost(study: Study, out: Path) -> str:
     runs = expected_runs(study, out)
     total_run_s = sum(json.loads((d / SUMMARY).read_text())["wall_time_s"] for d in runs)
-    cost = f"**Cost:** {len(runs)} runs, {total_run_s / 60:.1f} min of run time"
-    timing = read_timing(out)
+    return cost_line(len(runs), total_run_s, read_timing(out))
+
+
+def cost_line(runs: int, total_run_s: float, timing: dict | None) -> str:
+    """The report's Cost line: the runs' own time, and the study command's wall time where recorded."""
+    cost = f"**Cost:** {runs} runs, {total_run_s / 60:.1f} min of run time"
     if timing:
         n = timing.get("invocations", 1)
         cost += (f"; the {'invocation' if n == 1 else f'{n} invocations'} of the study command that ran "
                  f"them took {timing['elapsed_s'] / 60:.1f} min wall in all on this machine")
         if timing.get("max_jobs", 1) > 1:
             cost += f", up to {timing['max_jobs']} runs at a time (`--jobs`)"
+        if total_run_s > 1.01 * timing["elapsed_s"] * timing.get("max_jobs", 1):  # cannot be, unless unrecorded
+            cost += (" (less than the runs took: the wall time of an invocation stopped before the study clock "
+                     "recorded it is missing)")
     return cost
 
 
