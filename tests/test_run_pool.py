@@ -58,7 +58,8 @@ def test_jobs_below_one_is_one_line(command, capsys):
 
 
 def test_a_worker_the_system_kills_is_one_line_naming_the_runs_it_stopped(tiny_bert_dir, tmp_path):
-    runs = [PendingRun(load_config(None, tiny_overrides(tiny_bert_dir, tmp_path / name, federation__rounds=200)), name)
+    endless = {"federation__rounds": 100_000}  # neither run can finish before the kill
+    runs = [PendingRun(load_config(None, tiny_overrides(tiny_bert_dir, tmp_path / name, **endless)), name)
             for name in ("first", "second")]
     failure: list[BaseException] = []
 

@@ -69,6 +69,22 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _ready() -> int:
+    return os.getpid()
+
+
+def _start_workers(pool: ProcessPoolExecutor, workers: int) -> None:
+    """Start every worker before the first run is handed out. Python (3.11 at least) starts a worker
+    on demand *after* waking the pool's watcher thread, which can re-arm on the old list of workers:
+    the death of a worker started that way went unnoticed until another worker's run finished (a
+    hang when none did)."""
+    try:
+        for f in [pool.submit(_ready) for _ in range(workers)]:
+            f.result()
+    except BrokenProcessPool:
+        raise ConfigError("a worker process died while starting (out of memory?); run with fewer --jobs") from None
+
+
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -113,6 +129,7 @@ def execute(pending: Sequence[PendingRun], jobs: int = 1, progress: bool = True,
     queue = list(reversed(pending))
     finished, failure, failed = 0, None, []
     with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker, initargs=(threads,)) as pool:
+        _start_workers(pool, workers)
         running: dict[Future, PendingRun] = {}
         while queue or running:
             while queue and failure is None and len(running) < workers:
