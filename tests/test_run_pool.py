@@ -83,6 +83,17 @@ def test_a_worker_the_system_kills_is_one_line_naming_the_runs_it_stopped(tiny_b
     assert "runs stopped: " in message and "first" in message and "second" in message  # the pool stops both
 
 
+def test_a_worker_that_dies_while_starting_is_one_line():
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fedlora.run_pool import _start_workers
+
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=os._exit, initargs=(1,)) as pool:
+        with pytest.raises(ConfigError, match="a worker process died while starting"):
+            _start_workers(pool, 1)
+
+
 def test_a_dead_pool_also_names_a_run_that_failed_just_before(tiny_bert_dir, tmp_path):
     from fedlora.run_pool import _pool_died
 

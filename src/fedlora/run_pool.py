@@ -69,17 +69,13 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _ready() -> int:
-    return os.getpid()
-
-
 def _start_workers(pool: ProcessPoolExecutor, workers: int) -> None:
     """Start every worker before the first run is handed out. Python (3.11 at least) starts a worker
     on demand *after* waking the pool's watcher thread, which can re-arm on the old list of workers:
     the death of a worker started that way went unnoticed until another worker's run finished (a
     hang when none did)."""
     try:
-        for f in [pool.submit(_ready) for _ in range(workers)]:
+        for f in [pool.submit(os.getpid) for _ in range(workers)]:
             f.result()
     except BrokenProcessPool:
         raise ConfigError("a worker process died while starting (out of memory?); run with fewer --jobs") from None
