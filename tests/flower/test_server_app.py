@@ -4,6 +4,7 @@ budgets come from node-config; failing and vanished nodes are dropped and named.
 import json
 import logging
 import shlex
+import threading
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from fedlora.flower.run_config import (  # noqa: E402
     NODE_BUDGET,
     NODE_PARTITION,
     RUN_CONFIG_FILE,
+    RUN_MIN_NODES,
     RUN_OVERRIDES,
     RUN_REGISTER_TIMEOUT,
     RUN_ROUND_TIMEOUT,
@@ -33,9 +35,11 @@ from fedlora.types import ClientTask, ClientUpdate, Factors, tensors_of  # noqa:
 from ..conftest import tiny_overrides  # noqa: E402
 
 
-def flower_run(overrides, num_nodes, budgets=None, on_round=None, node_configs=None, public_keys=None, **run_cfg):
+def flower_run(overrides, num_nodes, budgets=None, on_round=None, node_configs=None, public_keys=None,
+               before_serve=None, **run_cfg):
     """The ServerApp's own `serve` over an in-process grid of ``num_nodes`` nodes (node ``1000 + i`` holds
-    partition ``i``); ``on_round(grid, rnd, exp)`` runs before each round. Returns (exp, summary)."""
+    partition ``i``); ``before_serve(grid)`` runs once before registration, ``on_round(grid, rnd, exp)``
+    before each round. Returns (exp, summary)."""
     run_config = {RUN_CONFIG_FILE: "", RUN_OVERRIDES: shlex.join(overrides), RUN_ROUND_TIMEOUT: 30.0,
                   RUN_REGISTER_TIMEOUT: 5.0, "round-grace": 0.5, **run_cfg}
     node_configs = node_configs or [{NODE_PARTITION: i, **({NODE_BUDGET: budgets[i]} if budgets else {})}
@@ -48,6 +52,8 @@ def flower_run(overrides, num_nodes, budgets=None, on_round=None, node_configs=N
         if on_round:
             on_round(grid, rnd, exp)
 
+    if before_serve:
+        before_serve(grid)
     summary = serve(grid, run_config, before_round=before_round)
     return seen.get("exp"), summary
 
@@ -76,6 +82,29 @@ def test_node_budgets_come_from_node_config(tiny_bert_dir, tmp_path):
     task_bytes = sum(r * (o + i) * 4 for r in (2, 2, 4, 8) for o, i in exp.lm.shapes().values())
     head_bytes = 4 * sum(t.numel() for t in exp.server.head.values()) * 4
     assert row["bytes_down"] == task_bytes + head_bytes  # each node got a sketch of its own size
+
+
+def test_a_node_that_misses_its_first_profile_query_is_asked_again_while_registering(tiny_bert_dir, tmp_path,
+                                                                                    caplog):
+    def late(grid):  # node 1003 sleeps through its first profile query (as a ClientApp that starts late)
+        push, asleep = grid.push_messages, []
+
+        def push_messages(messages):
+            messages = list(messages)
+            if not asleep and any(m.metadata.dst_node_id == 1003 for m in messages):
+                asleep.append(1003)
+                grid.silent.add(1003)
+                threading.Timer(3.0, grid.silent.discard, (1003,)).start()  # awake before it is asked again (5 s)
+            return push(messages)
+
+        grid.push_messages = push_messages
+
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        exp, summary = flower_run(tiny_overrides(tiny_bert_dir, tmp_path / "late", federation__rounds=1,
+                                                 federation__fraction=1.0), num_nodes=4, before_serve=late,
+                                  **{RUN_MIN_NODES: 4, RUN_REGISTER_TIMEOUT: 30.0})
+    assert "node 1003 did not register: no reply within 0.5 s" in caplog.text  # the first ask failed
+    assert len(exp.server.budgets) == 4 and summary["final_accuracy"] >= 0  # the second bound client 3
 
 
 def test_failing_and_vanished_nodes_are_dropped_and_named(tiny_bert_dir, tmp_path, caplog):

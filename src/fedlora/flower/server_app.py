@@ -44,6 +44,10 @@ from .supernode_launch import quicker_pulls
 
 log = logging.getLogger("fedlora.flower")
 app = ServerApp()
+# while registering, a node whose profile query failed (a late ClientApp start, a crash) is asked
+# again after this long: not every half second (each ask starts a ClientApp process on a real
+# SuperNode), and not never (one slow answer would leave min-nodes out of reach)
+REASK_S = 5.0
 
 
 class RunFailed(Exception):
@@ -96,12 +100,12 @@ class GridRounds:
 
     def register(self, min_clients: int, timeout: float) -> None:
         """Ask every connected node who it is until ``min_clients`` clients are bound."""
-        deadline, tried = time.monotonic() + timeout, set()  # a node that failed is asked again next round
+        deadline, retry_at = time.monotonic() + timeout, {}  # node -> when a node that failed is asked again
         while True:
-            online = self._online()
-            if queries := self._queries(online, skip=tried):
-                tried.update(n for _, n in queries)
+            online, now = self._online(), time.monotonic()
+            if queries := self._queries(online, skip={n for n, t in retry_at.items() if t > now}):
                 self._read_profiles(*self._send(queries), online)
+                retry_at.update((n, time.monotonic() + REASK_S) for _, n in queries if n not in self.asked)
             bound = sum(node in online for node in (h.node_id for h in self.registry.holders.values()))
             if bound >= min_clients:
                 log.warning("registered clients (client: node, budget): %s", {
